@@ -1,0 +1,20 @@
+"""ASGI entry point: Django for HTTP, Channels for WebSockets (/session and the simulator)."""
+
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ducke.settings")
+
+from django.core.asgi import get_asgi_application  # noqa: E402
+
+django_asgi_app = get_asgi_application()
+
+from django.core.management import call_command  # noqa: E402
+
+# Stop start-up on a bad environment variable with the check's message, not mid-request.
+call_command("check", fail_level="ERROR", verbosity=0)
+
+from channels.routing import ProtocolTypeRouter  # noqa: E402
+
+from ducke.routing import websocket_application  # noqa: E402
+
+application = ProtocolTypeRouter({"http": django_asgi_app, "websocket": websocket_application()})

@@ -1,0 +1,16 @@
+"""WebSocket routes: the browser's /session (origin-checked, quota-guarded) and the simulator."""
+
+from channels.routing import URLRouter
+from django.conf import settings
+from django.urls import path
+
+
+def websocket_application():
+    """The ASGI app for every WebSocket connection."""
+    routes = []
+    if settings.DUCKE_SIMULATOR_ENABLED:
+        from ducke.realtime.simulator_consumer import SimulatorConsumer
+
+        # Upstream clients (the relay, the openai SDK) send no Origin header: no origin check.
+        routes.append(path("simulator/v1/realtime", SimulatorConsumer.as_asgi()))
+    return URLRouter(routes)

@@ -1,0 +1,1 @@
+"""Reusable quota enforcement for Django and Channels: rate limits, prices, budgets."""

@@ -1,0 +1,43 @@
+"""Settings of the quotas app, read from ``django.conf.settings`` on every access.
+
+Reading lazily keeps ``override_settings`` working in tests; nothing here is captured at
+import time and nothing is written back to ``settings``.
+
+QUOTAS_ENABLED            bool, default True: enforce limits at all.
+QUOTAS_FAIL_MODE          "local" (default): Redis down -> per-process limits;
+                          "open": Redis down -> allow everything;
+                          "closed": Redis down -> refuse everything limited.
+QUOTAS_TRUSTED_PROXIES    comma-separated CIDRs whose X-Forwarded-For is believed.
+QUOTAS_REDIS_URL          redis://, rediss:// or unix:// URL; empty -> in-process counters.
+QUOTAS_KEY_PREFIX         prefix of every Redis key, default "quotas".
+QUOTAS_POLICY_REFRESH_SECONDS  how often a process checks for policy edits, default 0.5.
+QUOTAS_REDIS_RETRY_SECONDS     how long an unavailable Redis is left alone, default 1.0.
+QUOTAS_REDIS_TIMEOUT_SECONDS   socket timeout for quota Redis calls, default 0.5.
+"""
+
+from django.conf import settings
+
+FAIL_MODES = ("local", "open", "closed")
+
+_DEFAULTS = {
+    "ENABLED": True,
+    "FAIL_MODE": "local",
+    "TRUSTED_PROXIES": "",
+    "REDIS_URL": "",
+    "KEY_PREFIX": "quotas",
+    "POLICY_REFRESH_SECONDS": 0.5,
+    "REDIS_RETRY_SECONDS": 1.0,
+    "REDIS_TIMEOUT_SECONDS": 0.5,
+}
+
+
+class QuotasSettings:
+    """Attribute access to ``QUOTAS_*`` settings with defaults, evaluated on each access."""
+
+    def __getattr__(self, name):
+        if name not in _DEFAULTS:
+            raise AttributeError(name)
+        return getattr(settings, f"QUOTAS_{name}", _DEFAULTS[name])
+
+
+quota_settings = QuotasSettings()

