@@ -1,0 +1,113 @@
+"""Guards for Channels: refuse WebSocket connections and tool calls over their limits.
+
+``ConnectionGuard`` is ASGI middleware in the style of Channels' ``OriginValidator``: it
+decides before the consumer runs and keeps no per-connection state on the instance. A
+refused connection is accepted just long enough to receive a ``quota.exceeded`` event and
+then closed with 4429, so the browser can tell the person why.
+"""
+
+import json
+import logging
+import uuid
+
+from .clientip import client_ip
+from .conf import quota_settings
+from .concurrency import SessionSlots
+from .limiter import ceil_seconds, get_limiter
+from .metrics import rate_limit_exceeded_total
+from .middleware import limits_for
+from .policies import policy_cache
+from .redis_client import shared_redis
+
+logger = logging.getLogger("quotas.guards")
+
+CLOSE_RATE_LIMITED = 4429
+
+_slots = {}
+
+
+def session_slots():
+    """The process-wide ``SessionSlots`` for the current Redis settings."""
+    link = shared_redis()
+    slots = _slots.get(id(link))
+    if slots is None or slots.link is not link:
+        slots = _slots[id(link)] = SessionSlots(link)
+    return slots
+
+
+def scope_client_ip(scope):
+    """The client address of an ASGI scope per ``QUOTAS_TRUSTED_PROXIES``."""
+    peer = (scope.get("client") or ("", 0))[0] or ""
+    forwarded = ""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-forwarded-for":
+            forwarded = value.decode("latin-1")
+    return client_ip(peer, forwarded, quota_settings.TRUSTED_PROXIES)
+
+
+async def refuse_websocket(receive, send, code, reason, message, retry_after):
+    """Accept, send one ``quota.exceeded`` event, close with ``code``."""
+    event = await receive()
+    if event.get("type") != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    payload = {"type": "quota.exceeded", "reason": reason, "message": message, "retry_after": retry_after}
+    await send({"type": "websocket.send", "text": json.dumps(payload)})
+    await send({"type": "websocket.close", "code": code})
+
+
+class ConnectionGuard:
+    """Applies the websocket rules and the per-client concurrent-session limit."""
+
+    def __init__(self, application):
+        self.application = application
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "websocket" or not quota_settings.ENABLED:
+            return await self.application(scope, receive, send)
+        client = scope_client_ip(scope)
+        snapshot = await policy_cache.aget()
+        rules = snapshot.rules_for("websocket", scope.get("path", ""))
+        decision = await get_limiter().ahit(limits_for(rules, client))
+        if not decision.allowed:
+            rate_limit_exceeded_total.labels(endpoint=rules[0].target).inc()
+            retry = max(1, ceil_seconds(decision.retry_after))
+            logger.info("connection refused for %s: rate limit (retry in %ss)", client, retry)
+            return await refuse_websocket(
+                receive,
+                send,
+                CLOSE_RATE_LIMITED,
+                "rate_limited",
+                f"Too many new sessions from your address. Try again in {retry} seconds.",
+                retry,
+            )
+        maximum = snapshot.budget.max_concurrent_sessions_per_client
+        token = uuid.uuid4().hex
+        slots = session_slots()
+        if not await slots.acquire(client, token, maximum):
+            logger.info("connection refused for %s: %s sessions open already", client, maximum)
+            return await refuse_websocket(
+                receive,
+                send,
+                CLOSE_RATE_LIMITED,
+                "concurrent_sessions",
+                f"You already have {maximum} DUCK-E sessions open. Close one and try again.",
+                30,
+            )
+        scope = dict(scope, quotas={"client": client, "slot": token, "policy": snapshot})
+        try:
+            return await self.application(scope, receive, send)
+        finally:
+            await slots.release(client, token)
+
+
+async def check_tool_call(tool_name, client):
+    """Count one call of ``tool_name`` by ``client``; the Decision says whether it may run."""
+    if not quota_settings.ENABLED:
+        return None
+    snapshot = await policy_cache.aget()
+    rules = snapshot.rules_for("tool", tool_name)
+    decision = await get_limiter().ahit(limits_for(rules, client))
+    if not decision.allowed:
+        rate_limit_exceeded_total.labels(endpoint=f"tool:{tool_name}").inc()
+    return decision

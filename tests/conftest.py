@@ -1,0 +1,71 @@
+"""Shared fixtures: fresh policy/limiter state per test, and a real Redis when wanted."""
+
+import os
+import uuid
+
+import pytest
+import redis
+
+from quotas import limiter as limiter_module
+from quotas.policies import policy_cache
+from quotas.redis_client import _shared as shared_redis_links
+
+REDIS_URL_FOR_TESTS = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+
+
+def redis_required():
+    return os.environ.get("QUOTAS_REQUIRE_REDIS") == "1"
+
+
+@pytest.fixture(autouse=True)
+def fresh_quota_state():
+    """Each test starts with no cached policies and no in-process counters."""
+    policy_cache.invalidate()
+    limiter_module._limiter = None
+    shared_redis_links.clear()
+    yield
+    policy_cache.invalidate()
+    limiter_module._limiter = None
+    shared_redis_links.clear()
+
+
+@pytest.fixture
+def redis_url():
+    """URL of a real Redis; skips (or fails under QUOTAS_REQUIRE_REDIS=1) when none answers."""
+    try:
+        redis.Redis.from_url(REDIS_URL_FOR_TESTS, socket_connect_timeout=1).ping()
+    except redis.exceptions.RedisError as exc:
+        message = f"no Redis at {REDIS_URL_FOR_TESTS}: {exc}"
+        if redis_required():
+            pytest.fail(f"QUOTAS_REQUIRE_REDIS=1 but {message}")
+        pytest.skip(message)
+    return REDIS_URL_FOR_TESTS
+
+
+@pytest.fixture
+def redis_prefix(redis_url):
+    """A key prefix unique to this test; its keys are deleted afterwards."""
+    prefix = f"quotas-test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture
+def use_redis(settings, redis_url, redis_prefix):
+    """Point the quotas app at the real Redis with a private key prefix."""
+    settings.QUOTAS_REDIS_URL = redis_url
+    settings.QUOTAS_KEY_PREFIX = redis_prefix
+    shared_redis_links.clear()
+    limiter_module._limiter = None
+    return redis_url
+
+
+@pytest.fixture
+def no_redis(settings):
+    """Run with in-process counters only, whatever the environment says."""
+    settings.QUOTAS_REDIS_URL = ""
+    shared_redis_links.clear()
+    limiter_module._limiter = None
