@@ -185,6 +185,4 @@ LOGGING = {
 }
 
 # The local Realtime simulator is the upstream when there is no OpenAI key (and no URL override).
-DUCKE_SIMULATOR_ENABLED = _read(
-    "DUCKE_SIMULATOR_ENABLED", _bool, not OPENAI_API_KEY
-)
+DUCKE_SIMULATOR_ENABLED = _read("DUCKE_SIMULATOR_ENABLED", _bool, not OPENAI_API_KEY)
