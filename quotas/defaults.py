@@ -112,7 +112,10 @@ def load_price_sheet(price_model, sheet, effective_from, note=""):
         _, made = price_model.objects.get_or_create(
             model=model,
             effective_from=effective_from,
-            defaults={**dict(zip(TOKEN_KINDS, prices)), "note": note or f"{sheet} sheet"},
+            defaults={
+                **dict(zip(TOKEN_KINDS, prices, strict=True)),
+                "note": note or f"{sheet} sheet",
+            },
         )
         created += made
     return created
