@@ -156,7 +156,7 @@ json_values = st.recursive(
     ),
     max_leaves=20,
 )
-event_types = st.sampled_from(sorted(ALLOWED_SHAPES) + ["session.create", "response.update", "x"])
+event_types = st.sampled_from([*sorted(ALLOWED_SHAPES), "session.create", "response.update", "x"])
 events = st.fixed_dictionaries(
     {"type": event_types},
     optional={
