@@ -58,6 +58,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "quotas.middleware.RateLimitMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -158,6 +159,8 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+# WhiteNoise serves the page's assets under daphne; finders keep it working before collectstatic.
+WHITENOISE_USE_FINDERS = True
 
 LOGIN_URL = "admin:login"
 
@@ -186,3 +189,17 @@ LOGGING = {
 
 # The local Realtime simulator is the upstream when there is no OpenAI key (and no URL override).
 DUCKE_SIMULATOR_ENABLED = _read("DUCKE_SIMULATOR_ENABLED", _bool, not OPENAI_API_KEY)
+DUCKE_SIMULATOR_PACE = _read("DUCKE_SIMULATOR_PACE", env.float, 1.0)
+
+# Relay limits.
+DUCKE_MAX_FRAME_BYTES = _read("DUCKE_MAX_FRAME_BYTES", env.int, 256 * 1024)
+DUCKE_IDLE_TIMEOUT_SECONDS = _read("DUCKE_IDLE_TIMEOUT_SECONDS", env.float, 300.0)
+DUCKE_UPSTREAM_CONNECT_TIMEOUT_SECONDS = _read(
+    "DUCKE_UPSTREAM_CONNECT_TIMEOUT_SECONDS", env.float, 10.0
+)
+
+# Server-side tools (Open-Meteo needs no key; web search uses OPENAI_API_KEY).
+DUCKE_GEOCODING_URL = env.str("DUCKE_GEOCODING_URL", default="https://geocoding-api.open-meteo.com")
+DUCKE_WEATHER_URL = env.str("DUCKE_WEATHER_URL", default="https://api.open-meteo.com")
+DUCKE_OPENAI_BASE_URL = env.str("DUCKE_OPENAI_BASE_URL", default="https://api.openai.com/v1")
+DUCKE_TOOL_TIMEOUT_SECONDS = _read("DUCKE_TOOL_TIMEOUT_SECONDS", env.float, 5.0)
