@@ -255,6 +255,7 @@ async def test_weather_timeout_fails_quickly(settings, weather_at, caller, no_re
 INVALID_CALLS = [
     ("get_current_weather", "{not json", "not valid JSON"),
     ("get_current_weather", "[]", "JSON object"),
+    ("get_current_weather", "[" * 3000, "not valid JSON"),
     ("get_current_weather", "{}", "'location' is required"),
     ("get_current_weather", '{"location": "   "}', "must not be empty"),
     ("get_current_weather", '{"location": 42}', "must be a string"),
@@ -358,6 +359,27 @@ async def test_quotas_disabled_means_no_limit(settings, weather_at, caller):
     for _ in range(12):
         outcome = await run_tool("get_current_weather", '{"location": "Berlin"}', client=caller)
         assert outcome.status == "ok"
+
+
+@pytest.mark.django_db
+async def test_a_broken_limiter_fails_the_call_not_the_session(
+    weather_at, caller, monkeypatch, caplog
+):
+    async def broken(*args, **kwargs):
+        raise RuntimeError(f"database on fire, key {SECRET}")
+
+    monkeypatch.setattr("ducke.tools.registry.check_tool_call", broken)
+    with caplog.at_level(logging.INFO, logger="ducke.tools"):
+        outcome = await run_tool("get_current_weather", '{"location": "Berlin"}', client=caller)
+    assert outcome.status == "failed"
+    assert parsed(outcome)["error"] == "internal_error"
+    assert_clean(outcome)
+    assert "fire" not in outcome.output
+    assert weather_at.requests == []
+    logged = caplog.text
+    assert "RuntimeError at test_tools.py:" in logged
+    assert "failed (error RuntimeError)" in logged
+    assert SECRET not in logged and "fire" not in logged
 
 
 def test_wait_and_window_in_words():

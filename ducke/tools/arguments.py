@@ -18,7 +18,7 @@ def parse_object(arguments, allowed):
         raise InvalidArguments("The arguments are far too long; send a short JSON object.")
     try:
         value = json.loads(arguments or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting overflows the decoder's stack
         raise InvalidArguments("The arguments are not valid JSON; send a JSON object.") from None
     if not isinstance(value, dict):
         raise InvalidArguments("The arguments must be a JSON object.")

@@ -9,8 +9,10 @@ can read aloud from; nothing is raised and no exception text reaches the model.
 import logging
 import math
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from quotas.guards import check_tool_call
 from quotas.limiter import ceil_seconds
@@ -75,7 +77,7 @@ async def run_tool(name, arguments, *, client):
     started = time.perf_counter()
     outcome, reason = await _run(name, arguments, client)
     elapsed_ms = (time.perf_counter() - started) * 1000.0
-    shown = name[:64] if isinstance(name, str) and name in TOOLS else "(unknown)"
+    shown = name if isinstance(name, str) and name in TOOLS else "(unknown)"
     if reason:
         logger.info("tool %s: %s (%s) in %.0f ms", shown, outcome.status, reason, elapsed_ms)
     else:
@@ -92,10 +94,10 @@ async def _run(name, arguments, client):
             "unknown_tool", "unknown_tool", f"There is no such tool here; the tools are {known}."
         ), ""
     try:
-        values = tool.validate(arguments)
-    except InvalidArguments as exc:
-        return error_outcome("invalid", "invalid_arguments", str(exc)), "bad arguments"
-    try:
+        try:
+            values = tool.validate(arguments)
+        except InvalidArguments as exc:
+            return error_outcome("invalid", "invalid_arguments", str(exc)), "bad arguments"
         decision = await check_tool_call(tool.target, str(client))
         if decision is not None and not decision.allowed:
             retry = max(1, ceil_seconds(decision.retry_after))
@@ -104,19 +106,29 @@ async def _run(name, arguments, client):
                 "refused", "rate_limited", message, retry_after_seconds=retry
             ), f"rate limited, retry in {retry}s"
         result = await tool.run(**values)
+        payload, usage = result if isinstance(result, tuple) else (result, ())
+        return ToolOutcome(output=to_json(payload), status="ok", usage=tuple(usage)), ""
     except ToolFailure as failure:
         outcome = error_outcome("failed", failure.error, failure.message)
         return ToolOutcome(outcome.output, "failed", failure.usage), failure.reason
     except Exception as exc:
         # A bug or an outage we did not foresee: the session goes on without the tool.
-        logger.error("tool %s raised %s", tool.name, type(exc).__name__, exc_info=True)
+        logger.error("tool %s raised %s", tool.name, where(exc))
         return error_outcome(
             "failed",
             "internal_error",
             "That tool is not working right now; please carry on without it.",
         ), f"error {type(exc).__name__}"
-    payload, usage = result if isinstance(result, tuple) else (result, ())
-    return ToolOutcome(output=to_json(payload), status="ok", usage=tuple(usage)), ""
+
+
+def where(exc):
+    """An exception's type and innermost source line: enough to find a bug, no message text.
+
+    The message is left out on purpose; an unforeseen exception may quote a URL or a header.
+    """
+    frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    place = f" at {Path(frame[0].filename).name}:{frame[0].lineno}" if frame else ""
+    return f"{type(exc).__name__}{place}"
 
 
 def refusal_message(tool, decision, retry):

@@ -306,6 +306,8 @@ def _current_report(place, forecast, units):
     now = forecast["current"]
     unit = UNITS[units]
     temperature = _number(now["temperature_2m"])
+    if temperature is None:
+        raise ValueError("no current temperature")
     feels_like = _number(now.get("apparent_temperature"))
     humidity = _number(now.get("relative_humidity_2m"))
     wind = _number(now.get("wind_speed_10m"))
