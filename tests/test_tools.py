@@ -7,8 +7,6 @@ import uuid
 
 import httpx
 import pytest
-from asgiref.sync import sync_to_async
-from django.db import connections
 
 from ducke.tools import TOOL_SCHEMAS, ToolOutcome, ToolUsage, run_tool
 from ducke.tools.registry import TOOLS, about, per
@@ -22,14 +20,7 @@ from tests.fixtures.fake_services import (  # noqa: F401
 SECRET = "sk-test-SECRET"
 
 
-@pytest.fixture(autouse=True)
-async def close_worker_connections():
-    """Close the connection policy reads opened in asgiref's worker thread.
-
-    Otherwise PostgreSQL refuses to drop the test database at the end of the run.
-    """
-    yield
-    await sync_to_async(connections.close_all, thread_sensitive=True)()
+pytestmark = pytest.mark.usefixtures("close_worker_connections")
 
 
 @pytest.fixture
