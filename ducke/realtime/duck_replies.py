@@ -18,16 +18,14 @@ SPOKEN_QUESTIONS = (
     "I changed one import and now half of the tests fail with a circular import error.",
 )
 
-GREETING = (
-    "Hi, I'm DUCK-E, your rubber duck. Tell me what you're stuck on, "
-    "and walk me through it step by step."
-)
+GREETING = "Hi, I'm DUCK-E, your rubber duck. What are you stuck on?"
 
+# Short on purpose: a duck asks back rather than lectures (and answers stay a few seconds long).
 _REPLY_TEMPLATES = (
-    "So if I understand you: {gist}. What did you expect to happen, and what happened instead?",
-    "Let's slow down. You said {gist}. Which line do you suspect first, and why?",
-    "Interesting. When you say {gist}, have you checked the inputs right before it goes wrong?",
-    "Okay, {gist}. If you explain the code to me line by line, where does it first surprise you?",
+    "So {gist}. What did you expect to happen instead?",
+    "You said {gist}. Which line do you suspect first?",
+    "Okay, {gist}. What changed since it last worked?",
+    "Hmm, {gist}. Can you walk me through it line by line?",
 )
 
 TOOL_OUTPUT_SPOKEN_CHARS = 200
@@ -53,11 +51,9 @@ def spoken_question(turn_number: int, seconds: float) -> str:
     return SPOKEN_QUESTIONS[index]
 
 
-def _gist(text: str, max_words: int = 14) -> str:
+def _gist(text: str, max_words: int = 10) -> str:
     words = text.split()
     gist = " ".join(words[:max_words]).rstrip(" ?.!,;:")
-    if len(words) > max_words:
-        gist += "..."
     if gist[:1].isupper() and not gist[1:2].isupper():
         gist = gist[0].lower() + gist[1:]
     return gist
@@ -93,9 +89,9 @@ def detect_tool_call(text: str, tool_names: set[str]) -> tuple[str, str] | None:
             preferred.reverse()
         for name in preferred:
             if name in tool_names:
-                return name, json.dumps({"location": _place(text) or "here"})
+                return name, json.dumps({"location": _place(text) or "here"}, ensure_ascii=False)
     match = _SEARCH.search(text)
     if match and "web_search" in tool_names:
         query = text[match.end() :].strip(" ?.!") or text.strip()
-        return "web_search", json.dumps({"query": query})
+        return "web_search", json.dumps({"query": query}, ensure_ascii=False)
     return None
