@@ -286,7 +286,7 @@ async def test_cancel_mid_response_bills_only_audio_sent(simulator):  # noqa: F8
     assert latency < 0.25
     sent_seconds = pcm_seconds(audio_bytes)
     full_seconds = len(duck_replies.reply_to_user(SHORT_QUESTION)) / 14
-    assert 0.2 <= sent_seconds <= 0.6
+    assert 0.2 <= sent_seconds <= 0.8
     usage = response["usage"]
     check_usage_sums(usage)
     assert usage["output_token_details"]["audio_tokens"] == round(sent_seconds * 20)
@@ -350,6 +350,27 @@ async def test_speech_interrupts_the_running_response(simulator):  # noqa: F811
     types = [e["type"] for e in events]
     assert types.index("input_audio_buffer.speech_started") < types.index("response.done")
     assert events[-1]["response"]["status_details"]["reason"] == "turn_detected"
+    await client.ws.close()
+
+
+async def test_text_modality_and_max_output_tokens(simulator):  # noqa: F811
+    client = await raw_client(simulator)
+    await client.send({"type": "conversation.item.create", "item": user_text(SHORT_QUESTION)})
+    await client.send({"type": "response.create", "response": {"output_modalities": ["text"]}})
+    events = await client.until("response.done")
+    types = [e["type"] for e in events]
+    assert "response.output_audio.delta" not in types
+    text = next(e["text"] for e in events if e["type"] == "response.output_text.done")
+    deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+    assert "".join(deltas) == text == duck_replies.reply_to_user(SHORT_QUESTION)
+    usage = events[-1]["response"]["usage"]
+    assert usage["output_token_details"] == {"text_tokens": -(-len(text) // 4), "audio_tokens": 0}
+
+    await client.send({"type": "response.create", "response": {"max_output_tokens": 10}})
+    response = (await client.until("response.done"))[-1]["response"]
+    assert response["status"] == "incomplete"
+    assert response["status_details"]["reason"] == "max_output_tokens"
+    assert 10 <= response["usage"]["output_tokens"] <= 13
     await client.ws.close()
 
 
