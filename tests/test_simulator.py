@@ -535,6 +535,7 @@ async def receive_until(communicator, event_type: str) -> list[dict]:
     return events
 
 
+@pytest.mark.django_db(transaction=True)
 async def test_channels_consumer_serves_a_session(channels_app):
     from ducke.realtime import simulator_consumer
 
