@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import pytest
 import redis
-from asgiref.sync import async_to_sync
+from asgiref.sync import async_to_sync, sync_to_async
 from django.db.models import Sum
 
 from quotas import spend as spend_module
@@ -299,9 +299,11 @@ def private_redis(redis_url):
 
 @pytest.mark.django_db(transaction=True)
 async def test_redis_outage_books_to_ledger_then_rebuilds_counters(private_redis, settings):
+    from quotas.defaults import SHEET_EPOCH, load_price_sheet
     from quotas.meter import SessionMeter
-    from quotas.models import QuotaSession, UsageRecord
+    from quotas.models import ModelPrice, QuotaSession, UsageRecord
 
+    await sync_to_async(load_price_sheet)(ModelPrice, "default", SHEET_EPOCH)
     settings.QUOTAS_FAIL_MODE = "local"
     clock = Clock()
     link = SharedRedis(private_redis.url, timeout=0.2, retry_seconds=0.0, timer=time.monotonic)
@@ -359,9 +361,11 @@ async def test_redis_outage_books_to_ledger_then_rebuilds_counters(private_redis
 
 @pytest.mark.django_db(transaction=True)
 async def test_unreachable_redis_still_books_and_counts(settings):
+    from quotas.defaults import SHEET_EPOCH, load_price_sheet
     from quotas.meter import SessionMeter
-    from quotas.models import UsageRecord
+    from quotas.models import ModelPrice, UsageRecord
 
+    await sync_to_async(load_price_sheet)(ModelPrice, "default", SHEET_EPOCH)
     clock = Clock()
     link = SharedRedis(f"redis://127.0.0.1:{_free_port()}/0", timeout=0.2, retry_seconds=30)
     counters = SpendCounters(link, timer=clock, prefix="nowhere")
