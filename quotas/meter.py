@@ -15,12 +15,13 @@ ones), so it only sets ``ChargeOutcome.hourly_cap_reached``.
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 
 from channels.db import database_sync_to_async
-from django.db import IntegrityError, transaction
-from django.db.models import F, Sum
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Sum
 
 from .defaults import TOKEN_KINDS
 from .metrics import (
@@ -114,6 +115,33 @@ class DurationCheck:
     warnings: list = field(default_factory=list)
     exceeded: dict | None = None
     close_code: int | None = None
+
+
+def _add_to_session_totals(session_id, cost, tokens):
+    """``F()``-style increment of a session's cost and token totals, as one prepared UPDATE.
+
+    The same statement as ``filter(pk=...).update(cost_usd=F("cost_usd") + cost, ...)``,
+    written once: compiling seven F() expressions per booking cost more than the write.
+    """
+    from .models import QuotaSession
+
+    meta = QuotaSession._meta
+    quote = connection.ops.quote_name
+    sql = _UPDATE_SQL.get(connection.vendor)
+    if sql is None:
+        columns = ("cost_usd", *TOKEN_KINDS)
+        assignments = ", ".join(f"{quote(c)} = {quote(c)} + %s" for c in columns)
+        sql = _UPDATE_SQL[connection.vendor] = (
+            f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {quote(meta.pk.column)} = %s"
+        )
+    params = [meta.get_field("cost_usd").get_db_prep_value(cost, connection)]
+    params += [tokens[kind] for kind in TOKEN_KINDS]
+    params.append(meta.pk.get_db_prep_value(uuid.UUID(str(session_id)), connection))
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+
+
+_UPDATE_SQL = {}
 
 
 @dataclass(frozen=True)
@@ -323,10 +351,7 @@ class SessionMeter:
                     created_at=when,
                     **tokens,
                 )
-                QuotaSession.objects.filter(pk=self.session_id).update(
-                    cost_usd=F("cost_usd") + cost,
-                    **{kind_: F(kind_) + n for kind_, n in tokens.items() if n},
-                )
+                _add_to_session_totals(self.session_id, cost, tokens)
         except IntegrityError:
             if not UsageRecord.objects.filter(
                 session_id=self.session_id, response_id=reference
