@@ -142,6 +142,51 @@ def _add_to_session_totals(session_id, cost, tokens):
 
 
 _UPDATE_SQL = {}
+_BOOK_SQL = {}
+
+
+def _book_in_one_statement(session_id, kind, model, reference, tokens, cost, unknown, when):
+    """PostgreSQL: insert the record and add it to the session in ONE atomic statement.
+
+    ``ON CONFLICT DO NOTHING`` on the (session, response id) constraint makes a replay a
+    no-op, and the UPDATE runs only when the INSERT did; one round trip and one commit
+    instead of four. Returns the new record's id, or None for a replay.
+    """
+    from .models import QuotaSession, UsageRecord
+
+    sql = _BOOK_SQL.get("postgresql")
+    if sql is None:
+        quote = connection.ops.quote_name
+        record_columns = (
+            "session_id",
+            "kind",
+            "model",
+            "response_id",
+            *TOKEN_KINDS,
+            "cost_usd",
+            "unknown_model",
+            "created_at",
+        )
+        session_columns = ("cost_usd", *TOKEN_KINDS)
+        sql = _BOOK_SQL["postgresql"] = (
+            f"WITH ins AS (INSERT INTO {quote(UsageRecord._meta.db_table)} "
+            f"({', '.join(quote(c) for c in record_columns)}) "
+            f"VALUES ({', '.join(['%s'] * len(record_columns))}) "
+            f"ON CONFLICT ({quote('session_id')}, {quote('response_id')}) DO NOTHING "
+            f"RETURNING {quote('id')}), "
+            f"upd AS (UPDATE {quote(QuotaSession._meta.db_table)} SET "
+            + ", ".join(f"{quote(c)} = {quote(c)} + %s" for c in session_columns)
+            + f" WHERE {quote('id')} = %s AND EXISTS (SELECT 1 FROM ins) RETURNING 1) "
+            f"SELECT {quote('id')} FROM ins"
+        )
+    session_uuid = uuid.UUID(str(session_id))
+    counts = [tokens[kind_] for kind_ in TOKEN_KINDS]
+    params = [session_uuid, kind, model, reference, *counts, cost, unknown, when]
+    params += [cost, *counts, session_uuid]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    return row[0] if row else None
 
 
 @dataclass(frozen=True)
@@ -339,6 +384,16 @@ class SessionMeter:
         cost = counts.cost(rates)
         self._rates = book.rates_at(self.model, when)
         tokens = counts.as_dict()
+        if connection.vendor == "postgresql":
+            record_id = _book_in_one_statement(
+                self.session_id, kind, model[:100], reference, tokens, cost, rates.unknown, when
+            )
+            if record_id is not None:
+                return _Booking(record_id, cost, counts, rates)
+            session_cost = QuotaSession.objects.values_list("cost_usd", flat=True).get(
+                pk=self.session_id
+            )
+            return _Booking(None, Decimal(0), counts, rates, session_cost)
         try:
             with transaction.atomic():
                 record = UsageRecord.objects.create(

@@ -42,7 +42,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 
 from .conf import quota_settings
 from .metrics import circuit_breaker_open, hourly_cost_usd
@@ -518,7 +518,7 @@ class SpendCounters:
                 self.link.mark_up()
                 return self._observe(self._state(reply))
         if self.ledger and not self._local_seeded:
-            await sync_to_async(self._seed_local)(budget)
+            await database_sync_to_async(self._seed_local)(budget)
         return self._observe(self._local(now, session_id, amount_micro, member, budget, mode))
 
     def charge(self, session_id, amount_micro, budget, *, member=None, at=None):
@@ -615,7 +615,7 @@ class SpendCounters:
 
     async def arebuild_from_ledger(self, budget=None):
         """``rebuild_from_ledger`` off the event loop."""
-        return await sync_to_async(self.rebuild_from_ledger)(budget)
+        return await database_sync_to_async(self.rebuild_from_ledger)(budget)
 
     def rebuild_from_ledger(self, budget=None):
         """Replay the ledger's last hour and open sessions into Redis (sync); None if down."""

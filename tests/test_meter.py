@@ -311,8 +311,8 @@ async def test_breaker_trips_via_one_instance_and_ends_sessions_on_the_other(
     assert "breaker" in signals
 
 
-@pytest.mark.django_db
-def test_ledger_admin_is_view_only(admin_client):
+@pytest.mark.django_db(transaction=True)
+def test_ledger_admin_is_view_only(admin_client, price_sheet):
     from asgiref.sync import async_to_sync
 
     meter = SessionMeter("10.9.9.9", "gpt-realtime", BudgetSpec(), counters=SpendCounters(None))

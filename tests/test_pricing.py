@@ -38,9 +38,10 @@ AFTER_LIST_DAY = LIST_DAY + timedelta(days=1)
 
 
 @pytest.fixture
-def list_sheet(db):
+def list_sheet(django_db_blocker):
     """The published list prices, in force from LIST_DAY (the fresh-install sheet before)."""
-    load_price_sheet(ModelPrice, "list", LIST_DAY)
+    with django_db_blocker.unblock():
+        load_price_sheet(ModelPrice, "list", LIST_DAY)
 
 
 @pytest.mark.django_db
@@ -126,7 +127,7 @@ def test_unexplained_tokens_take_the_top_rate(list_sheet):
     assert cost == (100 * Decimal(4) + 200 * Decimal(32) + 10 * Decimal(16)) / 1_000_000
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)  # async meters on PostgreSQL need real commits
 def test_unknown_model_priced_at_max_rates_and_flagged(list_sheet, caplog):
     from asgiref.sync import async_to_sync
 
@@ -178,7 +179,7 @@ def test_unknown_model_without_any_price_row_uses_the_default_sheet_maximum():
     assert (rates.text_input, rates.audio_output) == (Decimal(100), Decimal(200))
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_price_change_mid_day_books_each_usage_at_its_own_price():
     from asgiref.sync import async_to_sync
 

@@ -9,7 +9,8 @@ from decimal import Decimal
 
 import pytest
 import redis
-from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
 from django.db.models import Sum
 
 from quotas import spend as spend_module
@@ -303,7 +304,7 @@ async def test_redis_outage_books_to_ledger_then_rebuilds_counters(private_redis
     from quotas.meter import SessionMeter
     from quotas.models import ModelPrice, QuotaSession, UsageRecord
 
-    await sync_to_async(load_price_sheet)(ModelPrice, "default", SHEET_EPOCH)
+    await database_sync_to_async(load_price_sheet)(ModelPrice, "default", SHEET_EPOCH)
     settings.QUOTAS_FAIL_MODE = "local"
     clock = Clock()
     link = SharedRedis(private_redis.url, timeout=0.2, retry_seconds=0.0, timer=time.monotonic)
@@ -365,7 +366,7 @@ async def test_unreachable_redis_still_books_and_counts(settings):
     from quotas.meter import SessionMeter
     from quotas.models import ModelPrice, UsageRecord
 
-    await sync_to_async(load_price_sheet)(ModelPrice, "default", SHEET_EPOCH)
+    await database_sync_to_async(load_price_sheet)(ModelPrice, "default", SHEET_EPOCH)
     clock = Clock()
     link = SharedRedis(f"redis://127.0.0.1:{_free_port()}/0", timeout=0.2, retry_seconds=30)
     counters = SpendCounters(link, timer=clock, prefix="nowhere")
@@ -377,6 +378,7 @@ async def test_unreachable_redis_still_books_and_counts(settings):
     assert (await UsageRecord.objects.aget()).cost_usd == Decimal("0.300000")
     state = await counters.aevaluate(meter.session_id, 0, BUDGET, mode="read")
     assert state.engine == "local" and state.hour_usd == Decimal("0.300000")
+    await meter.close("client_closed")  # (also releases the worker thread's DB connection)
 
 
 def test_reset_breaker_admin_action(admin_client, use_redis, db):
