@@ -406,3 +406,16 @@ def test_async_read_sees_the_breaker(redis_url, redis_prefix):
     counters = SpendCounters(SharedRedis(redis_url), timer=clock, prefix=redis_prefix, ledger=False)
     async_to_sync(counters.acharge)("s", 10 * USD, BUDGET)
     assert async_to_sync(counters.aevaluate)(None, 0, BUDGET, mode="read").breaker == OPEN
+
+
+@pytest.mark.parametrize(("mode", "allowed"), [("local", True), ("open", True), ("closed", False)])
+def test_admission_per_fail_mode_while_redis_is_down(mode, allowed):
+    link = SharedRedis(f"redis://127.0.0.1:{_free_port()}/0", timeout=0.2, retry_seconds=30)
+    counters = SpendCounters(link, timer=Clock(), fail_mode=mode, ledger=False)
+    admission = counters.admit(BUDGET)
+    assert admission.allowed is allowed
+    assert admission.state.engine == "local"
+    if not allowed:
+        assert admission.reason == "breaker" and admission.retry_after == 30
+    # Charges are counted in process whatever the mode: money is never ignored.
+    assert counters.charge("s", 5, BUDGET).session_micro == 5
