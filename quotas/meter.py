@@ -350,7 +350,7 @@ class SessionMeter:
         outcome, counts = await self._charge(
             "response", str(response_id), self.model, lambda rates: usage_token_counts(usage, rates)
         )
-        if counts is not None:
+        if counts is not None and any(counts.as_dict().values()):
             self._learn_context(counts)
         return outcome
 
