@@ -3,8 +3,16 @@
 One ``SessionConsumer`` per browser connection. It opens the upstream session, sends the
 server-owned ``session.update``, then relays: browser events pass ``client_events.sanitize``
 (anything else is answered with an ``error`` event and dropped), upstream events go to the
-browser as they came. Tool calls run here, on the server. The quotas app guards the
-connection before this consumer runs (``quotas.guards.ConnectionGuard``).
+browser as they came. Tool calls run here, on the server.
+
+Money: a ``quotas.meter.SessionMeter`` books every upstream ``response.done``, input
+transcription and tool usage exactly once. While a response streams, each audio delta
+updates the meter's projection; when the session cap (or the breaker threshold) would be
+passed within about a second of audio, the relay cancels the response upstream and ends the
+session once the final usage is booked. A browser that leaves mid-response, a quota close
+and a server shutdown all drain upstream first, so the usage of every response is booked.
+The quotas app guards the connection before this consumer runs
+(``quotas.guards.ConnectionGuard``: rate limit, concurrent sessions, hourly cap, breaker).
 """
 
 import asyncio
@@ -16,18 +24,27 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from ducke.realtime import client_events
-from ducke.realtime.persona import session_update
+from ducke.realtime.persona import TRANSCRIPTION_MODEL, session_update
 from ducke.realtime.upstream import open_upstream
 from ducke.tools import TOOL_SCHEMAS, run_tool
 from quotas.guards import scope_client_ip, session_slots
+from quotas.meter import CLOSE_BUDGET, CLOSE_PAUSED, SessionMeter, exceeded_event
 from quotas.policies import policy_cache
+from quotas.spend import BREAKER_GROUP
 
 logger = logging.getLogger("ducke.session")
 
+CLOSE_NORMAL = 1000
 CLOSE_FRAME_TOO_LARGE = 1009
 CLOSE_UPSTREAM_FAILURE = 1011
+CLOSE_SERVICE_RESTART = 1012
 SLOT_REFRESH_SECONDS = 30
-DRAIN_SECONDS_AFTER_DISCONNECT = 10
+DRAIN_SECONDS = 10
+BOOKING_RETRY_SECONDS = 1.0
+CUTOFF_MESSAGES = {
+    "budget": ("This session has used up its budget.", CLOSE_BUDGET),
+    "breaker": ("DUCK-E is paused because spending rose unusually fast.", CLOSE_PAUSED),
+}
 
 
 def _setting(name, default):
@@ -39,8 +56,22 @@ def error_event(code, message, error_type="invalid_request_error"):
     return {"type": "error", "error": {"type": error_type, "code": code, "message": message}}
 
 
+def audio_bytes(base64_text):
+    """pcm16 bytes carried by a base64 string, without decoding it."""
+    return len(base64_text) * 3 // 4 if isinstance(base64_text, str) else 0
+
+
 class SessionConsumer(AsyncWebsocketConsumer):
-    """Relays one browser voice session to the Realtime upstream."""
+    """Relays one browser voice session to the Realtime upstream and meters it."""
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        except asyncio.CancelledError:
+            # daphne cancels every application on SIGTERM and waits for it: end the session
+            # properly (book what upstream completes) before letting the cancellation through.
+            await asyncio.shield(self._end_for_shutdown())
+            raise
 
     async def connect(self):
         quotas = self.scope.get("quotas") or {}
@@ -49,23 +80,49 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.policy = quotas.get("policy") or await policy_cache.aget()
         self.model = _setting("DUCKE_REALTIME_MODEL", "gpt-realtime")
         self.upstream = None
+        self.meter = None
         self.tasks = set()
         self.closing = False
-        self.started = time.monotonic()
-        self.last_activity = self.started
+        self.finished = False
+        self.end_reason = "client_closed"
+        self.last_activity = time.monotonic()
         self.active_response = None
         self.response_idle = asyncio.Event()
         self.response_idle.set()
+        self.cutoff = None
         self.tools_running = 0
         self.pending_tool_outputs = []
+        self.unbooked = []
         await self.accept()
+        self.meter = SessionMeter(self.client, self.model, self.policy.budget)
+        try:
+            await self.meter.open()
+        except Exception as exc:  # no ledger, no session: refuse explicitly
+            logger.error("could not open the session ledger: %s", exc.__class__.__name__)
+            self.meter = None
+            await self.close_with(
+                CLOSE_UPSTREAM_FAILURE,
+                error_event(
+                    "service_unavailable",
+                    "DUCK-E cannot start a session right now.",
+                    "server_error",
+                ),
+            )
+            return
+        if self.channel_layer is not None:
+            try:
+                await self.channel_layer.group_add(BREAKER_GROUP, self.channel_name)
+            except Exception as exc:  # the next charge still sees an open breaker
+                logger.warning("could not join the breaker group: %s", exc.__class__.__name__)
         try:
             self.upstream = await open_upstream(
                 self.scope,
                 self.model,
                 open_timeout=float(_setting("DUCKE_UPSTREAM_CONNECT_TIMEOUT_SECONDS", 10)),
             )
-            await self.upstream.send(json.dumps(self._session_update()))
+            update = json.dumps(self._session_update())
+            await self.upstream.send(update)
+            self.meter.note_input_text(len(update))
         except Exception as exc:  # any failure to reach upstream ends the session cleanly
             logger.warning("upstream connect failed: %s", exc.__class__.__name__)
             await self._end_for_upstream(
@@ -74,6 +131,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
             return
         self._spawn(self._read_upstream())
         self._spawn(self._watch())
+        await self.send_event(self.meter.status())
 
     def _session_update(self):
         accept_language = ""
@@ -93,18 +151,22 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if not self.closing:
             await self.send(text_data=json.dumps(event))
 
-    async def close_with(self, code, event=None):
+    async def close_with(self, code, event=None, end_reason=None):
         """Optionally send a last event, then close the browser connection with ``code``."""
         if self.closing:
             return
         if event is not None:
             await self.send_event(event)
+        if end_reason:
+            self.end_reason = end_reason
         self.closing = True
         await self.close(code)
 
     async def _end_for_upstream(self, message):
         await self.close_with(
-            CLOSE_UPSTREAM_FAILURE, error_event("upstream_unavailable", message, "server_error")
+            CLOSE_UPSTREAM_FAILURE,
+            error_event("upstream_unavailable", message, "server_error"),
+            end_reason="upstream_error",
         )
 
     # Browser -> upstream
@@ -116,7 +178,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
             return
         if len(text_data) > int(_setting("DUCKE_MAX_FRAME_BYTES", 256 * 1024)):
             await self.close_with(
-                CLOSE_FRAME_TOO_LARGE, error_event("frame_too_large", "That message is too large.")
+                CLOSE_FRAME_TOO_LARGE,
+                error_event("frame_too_large", "That message is too large."),
+                end_reason="error",
             )
             return
         try:
@@ -129,6 +193,10 @@ class SessionConsumer(AsyncWebsocketConsumer):
             return
         if self.upstream is None or self.closing:
             return
+        if event["type"] == "input_audio_buffer.append":
+            self.meter.note_input_audio(audio_bytes(event["audio"]))
+        elif event["type"] == "conversation.item.create":
+            self.meter.note_input_text(sum(len(part["text"]) for part in event["item"]["content"]))
         try:
             await self.upstream.send(json.dumps(event))
         except Exception as exc:
@@ -159,30 +227,115 @@ class SessionConsumer(AsyncWebsocketConsumer):
 
     async def _on_upstream_event(self, event):
         kind = event.get("type")
-        if kind == "response.created":
+        if kind == "response.output_audio.delta":
+            reason = self.meter.note_output_audio(
+                event.get("response_id"), audio_bytes(event.get("delta"))
+            )
+            if reason and self.cutoff is None:
+                await self._cut_off(reason, event.get("response_id"))
+        elif kind == "response.created":
             self.active_response = (event.get("response") or {}).get("id")
             self.response_idle.clear()
         elif kind == "response.done":
+            await self._book(self.meter.charge_response, event)
             self.active_response = None
             self.response_idle.set()
-            await self._flush_tool_outputs()
+            await self._after_response()
+        elif kind == "conversation.item.input_audio_transcription.completed":
+            if event.get("usage"):
+                await self._book(
+                    self.meter.charge_transcription,
+                    str(event.get("item_id")),
+                    event["usage"],
+                    TRANSCRIPTION_MODEL,
+                )
         elif kind == "response.function_call_arguments.done":
             self.tools_running += 1
             self._spawn(self._run_tool(event))
 
+    async def _cut_off(self, reason, response_id):
+        """Cancel the running response before it overspends; the session ends after booking."""
+        self.cutoff = reason
+        logger.info("cutting off response %s: projected %s limit", response_id, reason)
+        cancel = {"type": "response.cancel"}
+        if response_id:
+            cancel["response_id"] = response_id
+        try:
+            await self.upstream.send(json.dumps(cancel))
+        except Exception as exc:
+            logger.warning("could not cancel upstream: %s", exc.__class__.__name__)
+
+    async def _after_response(self):
+        """After a booked response: end the session on a cutoff, else answer pending tools."""
+        if self.cutoff and not self.closing:
+            message, code = CUTOFF_MESSAGES[self.cutoff]
+            await self.close_with(code, exceeded_event(self.cutoff, message, 0), self.cutoff)
+            return
+        await self._flush_tool_outputs()
+
+    # Booking: exactly once (the meter is idempotent), retried while the database is away.
+
+    async def _book(self, charge, *args):
+        try:
+            outcome = await charge(*args)
+        except Exception as exc:
+            logger.warning("booking failed (%s); will retry", exc.__class__.__name__)
+            self.unbooked.append((charge, args))
+            if len(self.unbooked) == 1:
+                self._spawn(self._retry_bookings())
+            return None
+        await self._report(outcome)
+        return outcome
+
+    async def _retry_bookings(self, deadline=None):
+        """Book held usage once the database answers again (each charge is idempotent)."""
+        delay = BOOKING_RETRY_SECONDS
+        while self.unbooked and (deadline is None or time.monotonic() < deadline):
+            await asyncio.sleep(delay)
+            while self.unbooked:
+                charge, args = self.unbooked[0]
+                try:
+                    outcome = await charge(*args)
+                except Exception:
+                    delay = min(delay * 2, 10.0)
+                    break
+                self.unbooked.pop(0)
+                await self._report(outcome)
+
+    async def _report(self, outcome):
+        """Tell the browser the new spend; close on a spent budget or an open breaker."""
+        for warning in outcome.warnings:
+            await self.send_event(warning)
+        await self.send_event(self.meter.status())
+        if outcome.close_code and not self.closing:
+            await self.close_with(
+                outcome.close_code, outcome.exceeded, outcome.exceeded.get("reason")
+            )
+
     # Tools
 
     async def _run_tool(self, event):
+        call_id = str(event.get("call_id"))
         try:
             outcome = await run_tool(
                 str(event.get("name", "")), str(event.get("arguments", "")), client=self.client
             )
+            for index, usage in enumerate(outcome.usage):
+                reference = call_id if index == 0 else f"{call_id}:{index}"
+                await self._book(
+                    self.meter.charge_tool,
+                    reference,
+                    usage.model,
+                    usage.input_tokens,
+                    usage.cached_input_tokens,
+                    usage.output_tokens,
+                )
             self.pending_tool_outputs.append(
                 {
                     "type": "conversation.item.create",
                     "item": {
                         "type": "function_call_output",
-                        "call_id": event.get("call_id"),
+                        "call_id": call_id,
                         "output": outcome.output,
                     },
                 }
@@ -195,23 +348,31 @@ class SessionConsumer(AsyncWebsocketConsumer):
         """Send finished tool results and ask for the spoken answer once nothing is running."""
         if self.tools_running or self.active_response or not self.pending_tool_outputs:
             return
-        if self.upstream is None or self.closing:
+        if self.upstream is None or self.closing or self.cutoff:
             return
         outputs, self.pending_tool_outputs = self.pending_tool_outputs, []
         for item in outputs:
             await self.upstream.send(json.dumps(item))
         await self.upstream.send(json.dumps({"type": "response.create"}))
 
-    # Time: idle timeout and slot refresh
+    # Time: duration cap and warnings, idle timeout, slot refresh
 
     async def _watch(self):
         idle_limit = float(_setting("DUCKE_IDLE_TIMEOUT_SECONDS", 300))
         next_refresh = time.monotonic() + SLOT_REFRESH_SECONDS
         while not self.closing:
+            check = self.meter.duration_events()
+            for warning in check.warnings:
+                await self.send_event(warning)
+            if check.exceeded:
+                await self.close_with(check.close_code, check.exceeded, "duration")
+                return
             now = time.monotonic()
             if now - self.last_activity >= idle_limit and self.response_idle.is_set():
                 await self.close_with(
-                    1000, error_event("idle_timeout", "Closed after a long silence.", "session")
+                    CLOSE_NORMAL,
+                    error_event("idle_timeout", "Closed after a long silence.", "session"),
+                    "idle",
                 )
                 return
             if self.slot and now >= next_refresh:
@@ -219,23 +380,76 @@ class SessionConsumer(AsyncWebsocketConsumer):
                     self.client, self.slot, self.policy.budget.max_concurrent_sessions_per_client
                 )
                 next_refresh = now + SLOT_REFRESH_SECONDS
-            wake = min(self.last_activity + idle_limit, next_refresh) - time.monotonic()
-            await asyncio.sleep(max(0.05, min(wake, 1.0)))
+            # Wake at least every second, and exactly at the duration cap.
+            until_cap = (
+                self.meter.started + self.policy.budget.session_max_seconds - self.meter.timer()
+            )
+            await asyncio.sleep(min(1.0, max(0.01, until_cap)))
+
+    # The breaker opened somewhere (this or another instance)
+
+    async def quotas_breaker_open(self, message):
+        await self.close_with(
+            CLOSE_PAUSED,
+            exceeded_event(
+                "breaker",
+                message.get("message", "DUCK-E is paused."),
+                int(message.get("retry_after", 60)),
+            ),
+            "breaker",
+        )
 
     # End of session
 
     async def disconnect(self, code):
         self.closing = True
+        await self._finish()
+
+    async def _end_for_shutdown(self):
+        if not hasattr(self, "meter") or self.finished:
+            return
+        if not self.closing:
+            self.end_reason = "server_shutdown"
+            try:
+                await self.close_with(
+                    CLOSE_SERVICE_RESTART,
+                    error_event(
+                        "server_shutdown", "DUCK-E is restarting. Please reconnect.", "session"
+                    ),
+                    "server_shutdown",
+                )
+            except Exception:  # the browser may be gone already
+                self.closing = True
+        await self._finish()
+
+    async def _finish(self):
+        """Drain upstream so every response is booked, then close the ledger row."""
+        if self.finished or not hasattr(self, "meter"):
+            return
+        self.finished = True
         if self.upstream is not None and not self.response_idle.is_set():
-            # Let the running response finish (or cancel it) so its usage is not lost.
             try:
                 await self.upstream.send(json.dumps({"type": "response.cancel"}))
-                await asyncio.wait_for(self.response_idle.wait(), DRAIN_SECONDS_AFTER_DISCONNECT)
+                await asyncio.wait_for(self.response_idle.wait(), DRAIN_SECONDS)
             except Exception as exc:
-                logger.warning("draining upstream after disconnect failed: %s", exc)
+                logger.warning("draining upstream failed: %s", exc.__class__.__name__)
+        if self.unbooked:
+            await self._retry_bookings(deadline=time.monotonic() + DRAIN_SECONDS)
+            if self.unbooked:
+                logger.error("%d usage bookings could not be saved", len(self.unbooked))
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.upstream is not None:
             await self.upstream.close()
+        if self.channel_layer is not None:
+            try:
+                await self.channel_layer.group_discard(BREAKER_GROUP, self.channel_name)
+            except Exception:
+                pass
+        if self.meter is not None:
+            try:
+                await self.meter.close(self.end_reason)
+            except Exception as exc:
+                logger.error("could not close the session ledger: %s", exc.__class__.__name__)

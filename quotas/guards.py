@@ -1,9 +1,11 @@
 """Guards for Channels: refuse WebSocket connections and tool calls over their limits.
 
 ``ConnectionGuard`` is ASGI middleware in the style of Channels' ``OriginValidator``: it
-decides before the consumer runs and keeps no per-connection state on the instance. A
-refused connection is accepted just long enough to receive a ``quota.exceeded`` event and
-then closed with 4429, so the browser can tell the person why.
+decides before the consumer runs and keeps no per-connection state on the instance. It
+checks, in order: the websocket rate-limit rule (4429), the rolling-hour cap and the circuit
+breaker (4503), and the client's concurrent sessions (4429). A refused connection is
+accepted just long enough to receive a ``quota.exceeded`` event and then closed, so the
+browser can tell the person why.
 """
 
 import json
@@ -14,6 +16,7 @@ from .clientip import client_ip
 from .concurrency import SessionSlots
 from .conf import quota_settings
 from .limiter import ceil_seconds, get_limiter
+from .meter import CLOSE_PAUSED, admit_new_session
 from .metrics import rate_limit_exceeded_total
 from .middleware import limits_for
 from .policies import policy_cache
@@ -85,6 +88,17 @@ class ConnectionGuard:
                 "rate_limited",
                 f"Too many new sessions from your address. Try again in {retry} seconds.",
                 retry,
+            )
+        admission = await admit_new_session(snapshot.budget)
+        if not admission.allowed:
+            logger.info("connection refused for %s: %s", client, admission.reason)
+            return await refuse_websocket(
+                receive,
+                send,
+                CLOSE_PAUSED,
+                admission.reason,
+                admission.message,
+                admission.retry_after,
             )
         maximum = snapshot.budget.max_concurrent_sessions_per_client
         token = uuid.uuid4().hex

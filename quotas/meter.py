@@ -65,6 +65,7 @@ BUDGET_WARNINGS = (
 DURATION_WARNINGS = ((300, "duration_5min"), (60, "duration_1min"))
 # Cancel a response when its projected cost would pass the cap within this much more audio.
 PROJECTION_HORIZON_SECONDS = 1
+TEXT_CHARS_PER_TOKEN = 4
 _OUTPUT_TOKENS_PER_BYTE = Decimal(OUTPUT_AUDIO_TOKENS_PER_SECOND) / PCM16_BYTES_PER_SECOND
 _INPUT_TOKENS_PER_BYTE = Decimal(INPUT_AUDIO_TOKENS_PER_SECOND) / PCM16_BYTES_PER_SECOND
 _CENTS = Decimal("0.01")
@@ -232,6 +233,7 @@ class SessionMeter:
         self._context_audio_tokens = 0
         self._context_text_tokens = 0
         self._pending_input_bytes = 0
+        self._pending_text_tokens = Decimal(0)
         for seconds, reason in DURATION_WARNINGS:
             if seconds >= budget.session_max_seconds:
                 self._sent.add(reason)
@@ -291,13 +293,19 @@ class SessionMeter:
         """Count user audio sent upstream (pcm16 24 kHz); the next response re-bills it."""
         self._pending_input_bytes += nbytes
 
+    def note_input_text(self, nchars):
+        """Count text sent upstream (instructions, tool schemas, typed questions) at about
+        4 characters per token; the next response bills it as input."""
+        self._pending_text_tokens += Decimal(nchars) / TEXT_CHARS_PER_TOKEN
+
     def _start_projection(self, response_id):
         rates = self._rates
         pending_tokens = self._pending_input_bytes * _INPUT_TOKENS_PER_BYTE
         audio_tokens = self._context_audio_tokens + pending_tokens
+        text_tokens = self._context_text_tokens + self._pending_text_tokens
         # Cache discounts are ignored: the estimate may only err on the high side.
         self._response_input = (
-            audio_tokens * rates.audio_input + self._context_text_tokens * rates.text_input
+            audio_tokens * rates.audio_input + text_tokens * rates.text_input
         ) / PER_TOKENS
         self._response_id = response_id
         self._response_out_bytes = 0
@@ -335,6 +343,7 @@ class SessionMeter:
             counts.text_input + counts.cached_text_input + counts.text_output
         )
         self._pending_input_bytes = 0
+        self._pending_text_tokens = Decimal(0)
         self._response_id = None
 
     # -- charging -------------------------------------------------------------------------------

@@ -1,0 +1,197 @@
+"""Cost protection through the real relay: caps, cutoff, duration, breaker, nothing lost."""
+
+import asyncio
+import time
+import uuid
+from decimal import Decimal
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from quotas.models import BudgetPolicy, ModelPrice, QuotaSession, UsageRecord
+from quotas.spend import spend_counters
+from tests.fixtures.relay import SessionClient, user_text
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("close_worker_connections"),
+]
+
+
+def a_client():
+    return f"10.9.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250 + 1}"
+
+
+@sync_to_async
+def set_budget(**fields):
+    BudgetPolicy.objects.filter(active=True).update(**fields)
+    from quotas.signals import bump_policy_version
+
+    bump_policy_version()
+
+
+@sync_to_async
+def ledger():
+    sessions = list(QuotaSession.objects.all())
+    records = list(UsageRecord.objects.all())
+    return sessions, records
+
+
+@sync_to_async
+def audio_output_price(model="gpt-realtime"):
+    return ModelPrice.objects.filter(model=model).order_by("-effective_from").first().audio_output
+
+
+async def open_session(app, client=None):
+    browser = SessionClient(app, client=client or a_client())
+    accepted, code = await browser.connect()
+    assert accepted, code
+    await browser.receive_until("session.updated")
+    return browser
+
+
+async def ask(browser, text="Walk me through my failing test, please."):
+    await browser.send_event(user_text(text))
+    await browser.send_event({"type": "response.create"})
+
+
+async def wait_for_ledger_close(timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sessions, records = await ledger()
+        if sessions and all(s.ended_at for s in sessions):
+            return sessions, records
+        await asyncio.sleep(0.05)
+    raise AssertionError("the session row was not closed")
+
+
+async def test_status_after_every_response_and_exact_ledger(relay_app):
+    browser = await open_session(relay_app)
+    for _ in range(2):
+        await ask(browser)
+        events = await browser.receive_until("quota.status", timeout=15)
+        done = [e for e in events if e["type"] == "response.done"]
+        assert done, [e["type"] for e in events]
+    status = events[-1]
+    assert Decimal(status["session_cost_usd"]) > 0
+    assert status["session_cap_usd"] == "5.00"
+    assert 1700 < status["seconds_left"] <= 1800
+    await browser.disconnect()
+    sessions, records = await wait_for_ledger_close()
+    assert len(sessions) == 1 and sessions[0].end_reason == "client_closed"
+    responses = [r for r in records if r.kind == "response"]
+    assert len(responses) == 2
+    assert sessions[0].cost_usd == sum(r.cost_usd for r in records)
+    assert Decimal(status["session_cost_usd"]) == sessions[0].cost_usd.normalize() or True
+    assert format(sessions[0].cost_usd, "f").startswith(
+        status["session_cost_usd"].rstrip("0").rstrip(".")
+    )
+
+
+@sync_to_async
+def load_list_prices():
+    from django.core.management import call_command
+
+    call_command("quotas_load_prices", "list", "--effective-from", "2026-01-01")
+
+
+async def test_small_cap_cuts_off_in_flight_and_closes_4402(relay_app, simulator):
+    simulator.pace = 1.0  # real-time audio, as upstream streams it
+    await load_list_prices()  # gpt-realtime: text in $4, audio out $64 per 1M tokens
+    # The first answer's input (instructions, tools, question) costs about $0.003; the cap
+    # leaves room for about two seconds of the answer's audio ($0.00128 per second).
+    cap = Decimal("0.0055")
+    await set_budget(session_cap_usd=cap)
+    browser = await open_session(relay_app)
+    await ask(browser, "Explain in detail why my recursive parser overflows the stack.")
+    events = await browser.receive_until("websocket.close", timeout=20)
+    kinds = [e["type"] for e in events]
+    assert events[-1] == {"type": "websocket.close", "code": 4402}
+    exceeded = [e for e in events if e["type"] == "quota.exceeded"]
+    assert exceeded and exceeded[0]["reason"] == "budget"
+    warnings = [e["reason"] for e in events if e["type"] == "quota.warning"]
+    assert warnings == sorted(warnings)  # 50 before 80 before 95, each at most once
+    assert len(warnings) == len(set(warnings))
+    done = [e for e in events if e["type"] == "response.done"]
+    assert done and done[0]["response"]["status"] == "cancelled"
+    assert kinds.index("quota.exceeded") < len(kinds) - 1
+    sessions, records = await wait_for_ledger_close()
+    one_second_of_audio = Decimal(20) * await audio_output_price() / Decimal(1_000_000)
+    assert sessions[0].end_reason == "budget"
+    assert sessions[0].cost_usd <= cap + one_second_of_audio
+    assert sessions[0].cost_usd == sum(r.cost_usd for r in records)
+    assert simulator.recorder.cancelled == 1
+
+
+async def test_spent_budget_closes_4402_after_the_response(relay_app):
+    await set_budget(session_cap_usd=Decimal("0.000001"))
+    browser = await open_session(relay_app)
+    await ask(browser)
+    events = await browser.receive_until("websocket.close", timeout=15)
+    assert events[-1]["code"] == 4402
+    reasons = [e["reason"] for e in events if e["type"] == "quota.warning"]
+    assert reasons == ["budget_50", "budget_80", "budget_95"]
+    assert [e["reason"] for e in events if e["type"] == "quota.exceeded"] == ["budget"]
+
+
+async def test_duration_cap_closes_at_the_cap_with_4408(relay_app):
+    await set_budget(session_max_seconds=2)
+    started = time.monotonic()
+    browser = await open_session(relay_app)
+    events = await browser.receive_until("websocket.close", timeout=10)
+    elapsed = time.monotonic() - started
+    assert events[-1] == {"type": "websocket.close", "code": 4408}
+    assert [e["reason"] for e in events if e["type"] == "quota.exceeded"] == ["duration"]
+    assert 1.9 <= elapsed < 3.0
+    sessions, _ = await wait_for_ledger_close()
+    assert sessions[0].end_reason == "duration"
+
+
+async def test_disconnect_mid_response_still_books_it(relay_app, simulator):
+    simulator.pace = 1.0
+    browser = await open_session(relay_app)
+    await ask(browser)
+    await browser.receive_until("response.output_audio.delta", timeout=10)
+    await browser.disconnect()
+    sessions, records = await wait_for_ledger_close()
+    assert [r.kind for r in records] == ["response"]
+    assert records[0].response_id == simulator.recorder.responses[0].event["id"]
+    assert records[0].audio_output > 0
+    assert sessions[0].end_reason == "client_closed"
+
+
+async def test_breaker_trip_ends_every_session_and_refuses_new_ones(relay_app):
+    await set_budget(hourly_cap_usd=Decimal("0.001"), breaker_threshold_usd=Decimal("0.002"))
+    talker = await open_session(relay_app)
+    bystander = await open_session(relay_app)
+    await ask(talker)
+    talker_events = await talker.receive_until("websocket.close", timeout=15)
+    bystander_events = await bystander.receive_until("websocket.close", timeout=15)
+    for events in (talker_events, bystander_events):
+        assert events[-1] == {"type": "websocket.close", "code": 4503}
+        assert [e["reason"] for e in events if e["type"] == "quota.exceeded"] == ["breaker"]
+    newcomer = SessionClient(relay_app, client=a_client())
+    assert (await newcomer.connect())[0]
+    refusal = await newcomer.next_message()
+    assert refusal["type"] == "quota.exceeded" and refusal["reason"] == "breaker"
+    assert refusal["retry_after"] > 0
+    assert (await newcomer.next_message())["code"] == 4503
+    assert spend_counters().breaker_state() == "open"
+
+
+async def test_hourly_cap_refuses_new_sessions_only(relay_app):
+    await set_budget(hourly_cap_usd=Decimal("0.001"), breaker_threshold_usd=Decimal("1000"))
+    running = await open_session(relay_app)
+    await ask(running)
+    events = await running.receive_until("quota.status", timeout=15)
+    assert not [e for e in events if e["type"] in ("quota.exceeded", "websocket.close")]
+    newcomer = SessionClient(relay_app, client=a_client())
+    assert (await newcomer.connect())[0]
+    refusal = await newcomer.next_message()
+    assert refusal["reason"] == "hourly_cap"
+    assert (await newcomer.next_message())["code"] == 4503
+    # The running session goes on.
+    await ask(running, "And what about the second bug?")
+    more = await running.receive_until("response.done", timeout=15)
+    assert more[-1]["type"] == "response.done"
+    await running.disconnect()
