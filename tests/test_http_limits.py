@@ -8,6 +8,7 @@ from django.core.asgi import get_asgi_application
 from prometheus_client import REGISTRY
 
 from quotas.models import RateLimitRule
+from tests.fixtures.async_db import thread_connections  # noqa: F401
 
 pytestmark = pytest.mark.django_db
 
@@ -163,7 +164,7 @@ def summary(status, headers, body):
     return status, tuple(headers.get(f) for f in fields), body
 
 
-async def test_async_path_gives_the_same_answers_as_sync(backend, settings):
+async def test_async_path_gives_the_same_answers_as_sync(backend, settings, thread_connections):  # noqa: F811
     """The same 62 requests through the ASGI app and through the sync client compare equal."""
     from asgiref.sync import sync_to_async
     from django.test import Client
