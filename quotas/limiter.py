@@ -38,7 +38,9 @@ class Limit:
     label: str = ""  # what the operator calls it (rule name); not part of the counter key
 
 
-@dataclass(frozen=True)
+# LimitState and Decision are built on every request: plain slotted dataclasses construct
+# several times faster than frozen ones. Treat them as read-only all the same.
+@dataclass(slots=True)
 class LimitState:
     """The outcome for one limit: hits in the window now and when a slot frees."""
 
@@ -57,7 +59,7 @@ class LimitState:
         return self.hits > self.limit.limit if self.admitted else self.hits >= self.limit.limit
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Decision:
     """Whether a hit is admitted, with every limit's state and which engine decided."""
 

@@ -242,3 +242,13 @@ def test_redis_windows_reload_a_flushed_script(redis_server):  # noqa: F811
     assert windows.hit(limit).allowed
     redis.Redis.from_url(redis_server.url).script_flush()
     assert windows.hit(limit).states[0].hits == 2
+
+
+def test_idle_counters_are_swept():
+    clock = Clock()
+    windows = LocalWindows(timer=clock)
+    for i in range(LocalWindows.SWEEP_EVERY - 1):
+        windows.hit([Limit(f"client-{i}", limit=5, window_seconds=60)])
+    clock.now += 61
+    windows.hit([Limit("last", limit=5, window_seconds=60)])  # the sweeping call
+    assert set(windows._hits) == {"last"}

@@ -189,3 +189,21 @@ def test_a_row_change_without_a_version_bump_waits_for_one(client, no_redis, mon
     PolicyVersion.objects.filter(pk=1).update(version=F("version") + 1)
     clock.now += 10
     assert remaining(client) == "5"
+
+
+def test_database_outage_keeps_the_last_policies(client, no_redis, monkeypatch):
+    from django.db import OperationalError
+
+    from quotas import policies
+
+    clock = FakeClock()
+    monkeypatch.setattr(policy_cache, "timer", clock)
+    policy_cache.invalidate()
+    assert remaining(client) == "60"
+
+    def unavailable():
+        raise OperationalError("database is away")
+
+    monkeypatch.setattr(policies, "read_version", unavailable)
+    clock.now += 10
+    assert policy_cache.get().rules_for("http", "/status")[0].limit == 60

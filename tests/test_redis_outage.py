@@ -6,6 +6,7 @@ import uuid
 import httpx
 import pytest
 from django.core.asgi import get_asgi_application
+from prometheus_client import REGISTRY
 
 from quotas.limiter import RateLimiter
 from quotas.middleware import limits_for
@@ -73,6 +74,7 @@ def test_local_fail_mode_keeps_serving_and_resynchronises(client, quota_redis, l
     assert outage[0]["RateLimit-Remaining"] == str(STATUS_LIMIT - 1)
     assert client.get("/").status_code == 200
     assert client.get("/metrics").status_code == 200
+    assert REGISTRY.get_sample_value("quotas_redis_available") == 0
 
     quota_redis.start()  # empty: no persistence
     wait_for_retry()
@@ -82,6 +84,7 @@ def test_local_fail_mode_keeps_serving_and_resynchronises(client, quota_redis, l
     assert response.json()["redis"] == "ok"
     # Shared again, without restarting the app: the other instance's hit counts here.
     assert response["RateLimit-Remaining"] == str(STATUS_LIMIT - 2)
+    assert REGISTRY.get_sample_value("quotas_redis_available") == 1
 
 
 def test_open_fail_mode_admits_everything_while_down(
