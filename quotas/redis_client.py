@@ -15,8 +15,9 @@ import weakref
 
 import redis
 import redis.asyncio
+import redis.asyncio.retry
+import redis.retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from .conf import quota_settings
 from .metrics import redis_available
@@ -47,7 +48,7 @@ class SharedRedis:
         self._async_by_loop = weakref.WeakKeyDictionary()
         self._listeners = []
 
-    def _options(self):
+    def _options(self, retry_class):
         return {
             "socket_timeout": self.timeout,
             "socket_connect_timeout": self.timeout,
@@ -55,7 +56,9 @@ class SharedRedis:
             # One immediate retry on a broken connection (Redis restarted, idle socket
             # closed): a fresh connection tells whether Redis is really gone. Timeouts are
             # not retried: they already cost ``timeout`` seconds.
-            "retry": Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+            "retry": retry_class(
+                NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)
+            ),
         }
 
     @property
@@ -64,7 +67,7 @@ class SharedRedis:
         if self._sync is None:
             with self._lock:
                 if self._sync is None:
-                    self._sync = redis.Redis.from_url(self.url, **self._options())
+                    self._sync = redis.Redis.from_url(self.url, **self._options(redis.retry.Retry))
         return self._sync
 
     @property
@@ -73,7 +76,9 @@ class SharedRedis:
         loop = asyncio.get_running_loop()
         client = self._async_by_loop.get(loop)
         if client is None:
-            client = redis.asyncio.Redis.from_url(self.url, **self._options())
+            client = redis.asyncio.Redis.from_url(
+                self.url, **self._options(redis.asyncio.retry.Retry)
+            )
             self._async_by_loop[loop] = client
         return client
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from quotas.limiter import Limit, LocalWindows, RateLimiter, RedisWindows
 from quotas.redis_client import SharedRedis
-from tests.fixtures.redis_server import redis_server  # noqa: F401
+from tests.fixtures.redis_server import redis_server, redis_server_with_password  # noqa: F401
 
 # A realistic epoch plus steps of 1/8 s: every time, window floor and millisecond value is
 # exact in binary floating point, so both engines and the model see the same boundaries.
@@ -252,3 +252,15 @@ def test_idle_counters_are_swept():
     clock.now += 61
     windows.hit([Limit("last", limit=5, window_seconds=60)])  # the sweeping call
     assert set(windows._hits) == {"last"}
+
+
+@pytest.mark.redis
+async def test_password_in_the_url_is_used(redis_server_with_password):  # noqa: F811
+    url = redis_server_with_password.url
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis.from_url(url.replace("s3cret-pass", "wrong")).ping()
+    limiter = RateLimiter(link=SharedRedis(url), fail_mode="closed")
+    limit = [Limit("auth", limit=2, window_seconds=60)]
+    assert limiter.hit(limit).engine == "redis"
+    decision = await limiter.ahit(limit)
+    assert (decision.engine, decision.states[0].hits) == ("redis", 2)
