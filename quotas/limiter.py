@@ -359,8 +359,10 @@ class RedisWindows:
             self.link.client.script_load(MOVING_WINDOW_LUA)
             reply = self._execute(packed)
         except redis.exceptions.ConnectionError:
-            # A pooled connection that Redis closed (restart, idle timeout) fails once; a
-            # fresh one tells whether Redis is really gone. Refused connects fail fast.
+            # A connection that Redis closed (restart, idle timeout) fails once; a fresh one
+            # tells whether Redis is really gone (refused connects fail fast). Should the
+            # first reply have been lost after the script ran, the hit counts twice: the
+            # safe direction.
             reply = self._execute(packed)
         return self._decision(limits, reply)
 
