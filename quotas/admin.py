@@ -7,7 +7,16 @@ from .models import BudgetPolicy, ModelPrice, RateLimitRule
 
 @admin.register(RateLimitRule)
 class RateLimitRuleAdmin(admin.ModelAdmin):
-    list_display = ("name", "scope", "target", "key", "limit", "window_seconds", "enabled", "shadow")
+    list_display = (
+        "name",
+        "scope",
+        "target",
+        "key",
+        "limit",
+        "window_seconds",
+        "enabled",
+        "shadow",
+    )
     list_editable = ("limit", "window_seconds", "enabled", "shadow")
     list_filter = ("scope", "key", "enabled", "shadow")
     search_fields = ("name", "target")

@@ -7,9 +7,17 @@ from functools import lru_cache
 logger = logging.getLogger("quotas.clientip")
 
 
-@lru_cache(maxsize=32)
 def parse_trusted_proxies(value):
-    """Parse comma-separated CIDRs; raises ValueError naming the first bad entry."""
+    """Parse comma-separated CIDRs (or a list/tuple of them); ValueError names a bad entry."""
+    if isinstance(value, list | tuple):
+        value = ",".join(map(str, value))
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"expected comma-separated CIDRs, got a {type(value).__name__}")
+    return _parse_networks(value or "")
+
+
+@lru_cache(maxsize=32)
+def _parse_networks(value):
     networks = []
     for item in (value or "").split(","):
         item = item.strip()
@@ -51,7 +59,11 @@ def client_ip(remote_addr, forwarded_for, trusted_proxies):
     peer = _address(remote_addr)
     if peer is None:
         return (remote_addr or "unknown")[:64]
-    networks = parse_trusted_proxies(trusted_proxies) if trusted_proxies else ()
+    try:
+        networks = parse_trusted_proxies(trusted_proxies) if trusted_proxies else ()
+    except ValueError:
+        # A malformed setting is reported by the quotas.E002 check; mid-request, trust nobody.
+        networks = ()
     if not networks or not _trusted(peer, networks) or not forwarded_for:
         return str(peer)
     client = peer

@@ -118,14 +118,10 @@ class RateLimitMiddleware:
         return response
 
     @staticmethod
-    def _enforced(decision):
-        return [s for s in decision.states if s.limit.enforce]
-
-    def _add_headers(self, response, decision):
-        enforced = self._enforced(decision)
-        if not enforced:
+    def _add_headers(response, decision):
+        tightest = decision.tightest
+        if tightest is None:
             return
-        tightest = min(enforced, key=lambda s: (s.remaining, -s.reset_seconds))
         response["RateLimit-Limit"] = str(tightest.limit.limit)
         response["RateLimit-Remaining"] = str(tightest.remaining)
         response["RateLimit-Reset"] = str(ceil_seconds(tightest.reset_seconds))

@@ -164,7 +164,8 @@ class BudgetPolicy(models.Model):
             others = BudgetPolicy.objects.filter(active=True).exclude(pk=self.pk)
             if others.exists():
                 errors["active"] = (
-                    f"Only one budget policy can be active; deactivate {others.first().name!r} first."
+                    "Only one budget policy can be active; "
+                    f"deactivate {others.first().name!r} first."
                 )
         if errors:
             raise ValidationError(errors)

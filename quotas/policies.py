@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from asgiref.sync import sync_to_async
+from django.db import DatabaseError
 
 from .conf import quota_settings
 
@@ -167,10 +168,19 @@ class PolicyCache:
             if not self._due():
                 return self._snapshot
             snapshot = self._snapshot
-            if snapshot is None or read_version() != snapshot.version:
-                snapshot = load_snapshot()
-                if self._snapshot is not None:
-                    logger.info("policies reloaded at version %s", snapshot.version)
+            try:
+                if snapshot is None or read_version() != snapshot.version:
+                    snapshot = load_snapshot()
+                    if self._snapshot is not None:
+                        logger.info("policies reloaded at version %s", snapshot.version)
+            except DatabaseError as exc:
+                if snapshot is None:
+                    raise
+                # Keep enforcing the last policies while the database is away; look again
+                # after the usual interval rather than on every request.
+                logger.warning(
+                    "policies not refreshed (%s); keeping version %s", exc, snapshot.version
+                )
             self._snapshot = snapshot
             self._checked_at = self.timer()
             return snapshot

@@ -15,8 +15,12 @@ import weakref
 
 import redis
 import redis.asyncio
+import redis.asyncio.retry
+import redis.retry
+from redis.backoff import NoBackoff
 
 from .conf import quota_settings
+from .metrics import redis_available
 
 logger = logging.getLogger("quotas.redis")
 
@@ -28,9 +32,13 @@ class SharedRedis:
 
     def __init__(self, url, *, timeout=None, retry_seconds=None, timer=time.monotonic):
         self.url = url
-        self.timeout = timeout if timeout is not None else float(quota_settings.REDIS_TIMEOUT_SECONDS)
+        self.timeout = (
+            timeout if timeout is not None else float(quota_settings.REDIS_TIMEOUT_SECONDS)
+        )
         self.retry_seconds = (
-            retry_seconds if retry_seconds is not None else float(quota_settings.REDIS_RETRY_SECONDS)
+            retry_seconds
+            if retry_seconds is not None
+            else float(quota_settings.REDIS_RETRY_SECONDS)
         )
         self.timer = timer
         self._down_until = 0.0
@@ -40,12 +48,17 @@ class SharedRedis:
         self._async_by_loop = weakref.WeakKeyDictionary()
         self._listeners = []
 
-    def _options(self):
+    def _options(self, retry_class):
         return {
             "socket_timeout": self.timeout,
             "socket_connect_timeout": self.timeout,
             "health_check_interval": 0,
-            "retry_on_timeout": False,
+            # One immediate retry on a broken connection (Redis restarted, idle socket
+            # closed): a fresh connection tells whether Redis is really gone. Timeouts are
+            # not retried: they already cost ``timeout`` seconds.
+            "retry": retry_class(
+                NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)
+            ),
         }
 
     @property
@@ -54,7 +67,7 @@ class SharedRedis:
         if self._sync is None:
             with self._lock:
                 if self._sync is None:
-                    self._sync = redis.Redis.from_url(self.url, **self._options())
+                    self._sync = redis.Redis.from_url(self.url, **self._options(redis.retry.Retry))
         return self._sync
 
     @property
@@ -63,7 +76,9 @@ class SharedRedis:
         loop = asyncio.get_running_loop()
         client = self._async_by_loop.get(loop)
         if client is None:
-            client = redis.asyncio.Redis.from_url(self.url, **self._options())
+            client = redis.asyncio.Redis.from_url(
+                self.url, **self._options(redis.asyncio.retry.Retry)
+            )
             self._async_by_loop[loop] = client
         return client
 
@@ -75,7 +90,13 @@ class SharedRedis:
     def mark_down(self, exc):
         """Record a failed call; Redis is not tried again for ``retry_seconds``."""
         if not self._was_down:
-            logger.warning("Redis unavailable (%s); falling back for %.1fs", exc.__class__.__name__, self.retry_seconds)
+            logger.warning(
+                "Redis unavailable (%s: %s); falling back for %.1fs",
+                exc.__class__.__name__,
+                exc,
+                self.retry_seconds,
+            )
+            redis_available.set(0)
         self._was_down = True
         self._down_until = self.timer() + self.retry_seconds
 
@@ -83,6 +104,7 @@ class SharedRedis:
         """Record a successful call; tells listeners when Redis has just come back."""
         if self._was_down:
             self._was_down = False
+            redis_available.set(1)
             logger.warning("Redis is available again")
             for listener in list(self._listeners):
                 try:

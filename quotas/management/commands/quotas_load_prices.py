@@ -1,6 +1,6 @@
 """Load a published price sheet into ModelPrice."""
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
@@ -33,7 +33,7 @@ class Command(BaseCommand):
                     f"--effective-from {effective_from!r} is not an ISO date such as 2026-12-01"
                 ) from None
             if timezone.is_naive(when):
-                when = timezone.make_aware(when, timezone.utc)
+                when = timezone.make_aware(when, UTC)
         with transaction.atomic():
             created = load_price_sheet(ModelPrice, sheet, when)
         self.stdout.write(
