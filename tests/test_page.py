@@ -1,12 +1,19 @@
 """The DUCK-E page: renders, ships its own assets, says when the simulator answers."""
 
+import json
+import os
 import re
+import urllib.request
 from pathlib import Path
 
 import pytest
 from django.conf import settings
 from django.contrib.staticfiles import finders
 from django.test import override_settings
+
+from tests.fixtures import live_server
+
+daphne_server_factory = live_server.daphne_server_factory
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "ducke" / "static" / "ducke"
 ASSET_PATTERN = re.compile(r'(?:src|href|data-[a-z-]+-worklet)="(/static/[^"]+)"')
@@ -101,3 +108,20 @@ def test_script_speaks_the_ga_protocol_and_explains_every_close_code():
     assert '"response.audio.delta"' not in script
     for code in (4429, 4402, 4408, 4503, 1009, 1011):
         assert re.search(rf"^\s+{code}: \"[^\"]{{20,}}\",$", script, re.MULTILINE), code
+
+
+def test_daphne_fixture_serves_page_and_assets_then_stops(daphne_server_factory):
+    server = daphne_server_factory(DUCKE_SIMULATOR_ENABLED="0", DJANGO_DEBUG="0")
+    with urllib.request.urlopen(f"{server.url}/") as response:
+        html = response.read().decode()
+    assert 'id="start"' in html
+    for asset in ASSET_PATTERN.findall(html):
+        with urllib.request.urlopen(f"{server.url}{asset}") as response:
+            assert response.status == 200 and response.read(), asset
+    with urllib.request.urlopen(f"{server.url}/status") as response:
+        assert json.load(response)["realtime_backend"] == "simulator"
+    assert "OPENAI_API_KEY" not in server.env and "REDIS_URL" not in server.env
+    server.stop()
+    assert server.process.returncode is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(server.pid, 0)
