@@ -37,6 +37,25 @@ def _bool(name, default):
     raise ValueError(f"expected true/false, got {raw!r}")
 
 
+def _number(cast):
+    def parse(name, default):
+        raw = env.str(name, default="").strip()
+        if not raw:
+            return default
+        try:
+            value = cast(raw)
+        except ValueError:
+            raise ValueError(f"expected a {cast.__name__} number, got {raw!r}") from None
+        if value < 0:
+            raise ValueError(f"must not be negative, got {raw!r}")
+        return value
+
+    return parse
+
+
+_float = _number(float)
+_int = _number(int)
+
 SECRET_KEY = _read("DJANGO_SECRET_KEY", env.str, "insecure-dev-key-change-me-" + "x" * 24)
 DEBUG = _read("DJANGO_DEBUG", _bool, False)
 ALLOWED_HOSTS = _read("DJANGO_ALLOWED_HOSTS", env.list, ["127.0.0.1", "localhost", "[::1]"])
@@ -58,6 +77,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "quotas.middleware.RateLimitMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -158,6 +178,8 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+# WhiteNoise serves the page's assets under daphne; finders keep it working before collectstatic.
+WHITENOISE_USE_FINDERS = True
 
 LOGIN_URL = "admin:login"
 
@@ -185,6 +207,18 @@ LOGGING = {
 }
 
 # The local Realtime simulator is the upstream when there is no OpenAI key (and no URL override).
-DUCKE_SIMULATOR_ENABLED = _read(
-    "DUCKE_SIMULATOR_ENABLED", _bool, not OPENAI_API_KEY
+DUCKE_SIMULATOR_ENABLED = _read("DUCKE_SIMULATOR_ENABLED", _bool, not OPENAI_API_KEY)
+DUCKE_SIMULATOR_PACE = _read("DUCKE_SIMULATOR_PACE", _float, 1.0)
+
+# Relay limits.
+DUCKE_MAX_FRAME_BYTES = _read("DUCKE_MAX_FRAME_BYTES", _int, 256 * 1024)
+DUCKE_IDLE_TIMEOUT_SECONDS = _read("DUCKE_IDLE_TIMEOUT_SECONDS", _float, 300.0)
+DUCKE_UPSTREAM_CONNECT_TIMEOUT_SECONDS = _read(
+    "DUCKE_UPSTREAM_CONNECT_TIMEOUT_SECONDS", _float, 10.0
 )
+
+# Server-side tools (Open-Meteo needs no key; web search uses OPENAI_API_KEY).
+DUCKE_GEOCODING_URL = env.str("DUCKE_GEOCODING_URL", default="https://geocoding-api.open-meteo.com")
+DUCKE_WEATHER_URL = env.str("DUCKE_WEATHER_URL", default="https://api.open-meteo.com")
+DUCKE_OPENAI_BASE_URL = env.str("DUCKE_OPENAI_BASE_URL", default="https://api.openai.com/v1")
+DUCKE_TOOL_TIMEOUT_SECONDS = _read("DUCKE_TOOL_TIMEOUT_SECONDS", _float, 5.0)

@@ -1,11 +1,11 @@
 """HTTP views: the DUCK-E page and the /status health report."""
 
-from django.conf import settings
 from django.db import connection
 from django.http import JsonResponse
 from django.shortcuts import render
 
 import ducke
+from ducke.realtime.upstream import realtime_backend
 from quotas import health
 
 
@@ -16,11 +16,6 @@ def index(request):
         "ducke/index.html",
         {"simulator": realtime_backend() == "simulator", "version": ducke.__version__},
     )
-
-
-def realtime_backend():
-    """'openai' when a key is configured, else 'simulator'."""
-    return "openai" if settings.OPENAI_API_KEY else "simulator"
 
 
 def status(request):

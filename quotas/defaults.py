@@ -54,12 +54,21 @@ PRICE_SHEETS = {
     "list": {
         "gpt-realtime": tuple(map(D, ("4.00", "0.40", "32.00", "0.40", "16.00", "64.00"))),
         "gpt-realtime-mini": tuple(map(D, ("0.60", "0.06", "10.00", "0.30", "2.40", "20.00"))),
-        "gpt-4o-realtime-preview": tuple(map(D, ("5.00", "2.50", "40.00", "2.50", "20.00", "80.00"))),
+        "gpt-4o-realtime-preview": tuple(
+            map(D, ("5.00", "2.50", "40.00", "2.50", "20.00", "80.00"))
+        ),
         "gpt-5": _chat("1.25", "0.125", "10.00"),
         "gpt-5-mini": _chat("0.25", "0.025", "2.00"),
         "gpt-4o-mini": _chat("0.15", "0.075", "0.60"),
         "gpt-4o-transcribe": (D("2.50"), D("2.50"), D("2.50"), D("2.50"), D("10.00"), D("10.00")),
-        "gpt-4o-mini-transcribe": (D("1.25"), D("1.25"), D("1.25"), D("1.25"), D("5.00"), D("5.00")),
+        "gpt-4o-mini-transcribe": (
+            D("1.25"),
+            D("1.25"),
+            D("1.25"),
+            D("1.25"),
+            D("5.00"),
+            D("5.00"),
+        ),
     },
 }
 
@@ -103,7 +112,10 @@ def load_price_sheet(price_model, sheet, effective_from, note=""):
         _, made = price_model.objects.get_or_create(
             model=model,
             effective_from=effective_from,
-            defaults={**dict(zip(TOKEN_KINDS, prices)), "note": note or f"{sheet} sheet"},
+            defaults={
+                **dict(zip(TOKEN_KINDS, prices, strict=True)),
+                "note": note or f"{sheet} sheet",
+            },
         )
         created += made
     return created

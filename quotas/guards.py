@@ -11,8 +11,8 @@ import logging
 import uuid
 
 from .clientip import client_ip
-from .conf import quota_settings
 from .concurrency import SessionSlots
+from .conf import quota_settings
 from .limiter import ceil_seconds, get_limiter
 from .metrics import rate_limit_exceeded_total
 from .middleware import limits_for
@@ -51,7 +51,12 @@ async def refuse_websocket(receive, send, code, reason, message, retry_after):
     if event.get("type") != "websocket.connect":
         return
     await send({"type": "websocket.accept"})
-    payload = {"type": "quota.exceeded", "reason": reason, "message": message, "retry_after": retry_after}
+    payload = {
+        "type": "quota.exceeded",
+        "reason": reason,
+        "message": message,
+        "retry_after": retry_after,
+    }
     await send({"type": "websocket.send", "text": json.dumps(payload)})
     await send({"type": "websocket.close", "code": code})
 

@@ -38,6 +38,7 @@ class Command(BaseCommand):
             created = load_price_sheet(ModelPrice, sheet, when)
         self.stdout.write(
             self.style.SUCCESS(
-                f"Loaded {created} price(s) from the {sheet!r} sheet, effective {when:%Y-%m-%d %H:%M} UTC."
+                f"Loaded {created} price(s) from the {sheet!r} sheet, "
+                f"effective {when:%Y-%m-%d %H:%M} UTC."
             )
         )
