@@ -179,9 +179,23 @@ async ({contextRate, captureUrl, playbackUrl}) => {
   const elapsed = performance.now() - started;
   const last = stats[stats.length - 1] || {};
   const wasPlaying = stats.some((s) => s.playing);
+
+  // Barge-in: one second of an answer, cut after about 250 ms.
+  const answer = new Float32Array(24000).map((_, i) => 0.2 * Math.sin(i / 7));
+  playback.port.postMessage({type: "push", samples: answer, itemId: "item_cut"}, [answer.buffer]);
+  await new Promise((resolve) => setTimeout(resolve, 250));
+  playback.port.postMessage({type: "flush"});
+  let flushed = null;
+  const cutAt = performance.now();
+  while (!flushed && performance.now() - cutAt < 2000) {
+    flushed = stats.find((s) => s.type === "flushed") || null;
+    if (!flushed) await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  const afterFlush = stats[stats.length - 1] || {};
   await ctx.close();
   return {rate: ctx.sampleRate, sizes, frequency: rising / (steady.length / 24000), peak,
-          played: last.played, buffered: last.buffered, wasPlaying, elapsed};
+          played: last.played, buffered: last.buffered, wasPlaying, elapsed,
+          flushed, bufferedAfterFlush: afterFlush.buffered};
 }
 """
 
@@ -210,6 +224,11 @@ def test_audio_worklets_resample_to_pcm16_24k_and_play_gap_free(
     # Every pushed sample is played, in about the time it lasts (300 ms) — no stall.
     assert result["wasPlaying"] and result["played"] == 7200 and result["buffered"] == 0, result
     assert result["elapsed"] < 1500, result
+    # A flush reports how much of the interrupted item was heard, and empties the queue.
+    flushed = result["flushed"]
+    assert flushed and flushed["itemId"] == "item_cut" and flushed["cut"] is True, result
+    assert 100 <= flushed["playedMs"] <= 600, flushed
+    assert result["bufferedAfterFlush"] == 0, result
     assert page.js_errors == []
 
 

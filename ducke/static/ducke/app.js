@@ -264,6 +264,19 @@
     if (session && session.playback) session.playback.port.postMessage({ type: "flush" });
   }
 
+  // Tell the model how much of its answer was actually heard before an interruption, so the
+  // conversation does not claim the duck said words nobody heard.
+  function truncateUnheard(current, heard) {
+    if (!heard.cut || !heard.itemId || current.truncated.has(heard.itemId)) return;
+    current.truncated.add(heard.itemId);
+    send({
+      type: "conversation.item.truncate",
+      item_id: heard.itemId,
+      content_index: 0,
+      audio_end_ms: heard.playedMs,
+    });
+  }
+
   function sendVoice() {
     const voice = ui.voice.value;
     if (!voice || !session || session.voiceLocked) return;
@@ -289,7 +302,12 @@
     });
     playback.port.onmessage = (event) => {
       const stats = event.data;
-      if (!stats || stats.type !== "stats" || current !== session) return;
+      if (!stats || current !== session) return;
+      if (stats.type === "flushed") {
+        truncateUnheard(current, stats);
+        return;
+      }
+      if (stats.type !== "stats") return;
       root.dataset.playedSamples = String(stats.played);
       counters.playedSamples = stats.played;
       setSpeaking(Boolean(stats.playing));
@@ -410,7 +428,9 @@
       case "response.output_audio.delta": {
         if (!message.delta || !current.playback) break;
         const { samples, bytes } = base64ToPcmFloat(message.delta);
-        current.playback.port.postMessage({ type: "push", samples }, [samples.buffer]);
+        current.playback.port.postMessage(
+          { type: "push", samples, itemId: message.item_id }, [samples.buffer],
+        );
         current.voiceLocked = true;
         ui.voice.disabled = true;
         count("audioChunks");
@@ -504,7 +524,7 @@
     const current = {
       socket: null, context: null, playback: null, capture: null, source: null, stream: null,
       opened: false, ready: false, responseActive: false, voiceLocked: false, exceeded: null,
-      deadline: null, clock: null, turns: new Map(),
+      deadline: null, clock: null, turns: new Map(), truncated: new Set(),
     };
     session = current;
     setState("connecting");

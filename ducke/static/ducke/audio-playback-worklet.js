@@ -1,6 +1,7 @@
 // DUCK-E answer playback: a queue of 24 kHz float chunks played gap-free at the context rate.
-// Messages in: {type: "push", samples: Float32Array}, {type: "drain"}, {type: "flush"}.
-// Messages out: {type: "stats", played, buffered, playing} about ten times a second.
+// Messages in: {type: "push", samples: Float32Array, itemId}, {type: "drain"}, {type: "flush"}.
+// Messages out: {type: "stats", played, buffered, playing} about ten times a second, and on
+// flush {type: "flushed", itemId, playedMs, cut}: how much of the item the listener heard.
 "use strict";
 
 class DuckePlaybackProcessor extends AudioWorkletProcessor {
@@ -20,7 +21,10 @@ class DuckePlaybackProcessor extends AudioWorkletProcessor {
 
   reset() {
     this.queue = [];
+    this.items = [];
     this.head = null;
+    this.headItem = null;
+    this.itemPlayed = 0;
     this.headIndex = 0;
     this.buffered = 0;
     this.playing = false;
@@ -34,11 +38,19 @@ class DuckePlaybackProcessor extends AudioWorkletProcessor {
     if (!message) return;
     if (message.type === "push" && message.samples && message.samples.length) {
       this.queue.push(message.samples);
+      this.items.push(message.itemId || null);
       this.buffered += message.samples.length;
     } else if (message.type === "drain") {
       this.draining = true;
     } else if (message.type === "flush") {
+      const heard = {
+        type: "flushed",
+        itemId: this.headItem,
+        playedMs: Math.floor((this.itemPlayed * 1000) / this.sourceRate),
+        cut: this.buffered > 0,
+      };
       this.reset();
+      this.port.postMessage(heard);
       this.report();
     }
   }
@@ -47,12 +59,18 @@ class DuckePlaybackProcessor extends AudioWorkletProcessor {
     while (!this.head || this.headIndex >= this.head.length) {
       if (this.queue.length === 0) return null;
       this.head = this.queue.shift();
+      const itemId = this.items.shift();
+      if (itemId !== this.headItem) {
+        this.headItem = itemId;
+        this.itemPlayed = 0;
+      }
       this.headIndex = 0;
     }
     const sample = this.head[this.headIndex];
     this.headIndex += 1;
     this.buffered -= 1;
     this.played += 1;
+    this.itemPlayed += 1;
     return sample;
   }
 
