@@ -387,6 +387,11 @@
         text = wait ? `${exceeded.message} You can try again in ${wait}.` : exceeded.message;
       }
       const clean = event.code === 1000 && !exceeded;
+      // A server that closes normally says why just before (for example a long silence).
+      const lastError = current.lastError;
+      if (clean && lastError && lastError.message && performance.now() - lastError.at < 3000) {
+        text = `${lastError.message} ${CLOSE_MESSAGES[1000]}`;
+      }
       teardown();
       setState(clean ? "closed" : "error", clean ? "Session ended" : "Disconnected");
       if (clean) showInfo(text);
@@ -483,9 +488,8 @@
       }
       case "error": {
         const error = message.error || {};
-        if (!ERRORS_TO_IGNORE.has(error.code)) {
-          showInfo(error.message ? `The duck says: ${error.message}` : "Something went wrong.");
-        }
+        current.lastError = { message: error.message || "", at: performance.now() };
+        if (!ERRORS_TO_IGNORE.has(error.code)) showInfo(error.message || "Something went wrong.");
         break;
       }
       default:
@@ -523,8 +527,9 @@
     root.dataset.closeCode = "";
     const current = {
       socket: null, context: null, playback: null, capture: null, source: null, stream: null,
-      opened: false, ready: false, responseActive: false, voiceLocked: false, exceeded: null,
-      deadline: null, clock: null, turns: new Map(), truncated: new Set(),
+      opened: false, ready: false, responseActive: false, voiceLocked: false,
+      exceeded: null, lastError: null, deadline: null, clock: null,
+      turns: new Map(), truncated: new Set(),
     };
     session = current;
     setState("connecting");
