@@ -1,13 +1,19 @@
 """WebSocket routes: the browser's /session (origin-checked, quota-guarded) and the simulator."""
 
 from channels.routing import URLRouter
+from channels.security.websocket import AllowedHostsOriginValidator
 from django.conf import settings
 from django.urls import path
+
+from ducke.consumers import SessionConsumer
+from quotas.guards import ConnectionGuard
 
 
 def websocket_application():
     """The ASGI app for every WebSocket connection."""
-    routes = []
+    routes = [
+        path("session", AllowedHostsOriginValidator(ConnectionGuard(SessionConsumer.as_asgi()))),
+    ]
     if settings.DUCKE_SIMULATOR_ENABLED:
         from ducke.realtime.simulator_consumer import SimulatorConsumer
 

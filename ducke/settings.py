@@ -222,3 +222,4 @@ DUCKE_GEOCODING_URL = env.str("DUCKE_GEOCODING_URL", default="https://geocoding-
 DUCKE_WEATHER_URL = env.str("DUCKE_WEATHER_URL", default="https://api.open-meteo.com")
 DUCKE_OPENAI_BASE_URL = env.str("DUCKE_OPENAI_BASE_URL", default="https://api.openai.com/v1")
 DUCKE_TOOL_TIMEOUT_SECONDS = _read("DUCKE_TOOL_TIMEOUT_SECONDS", _float, 5.0)
+DUCKE_WEB_SEARCH_TIMEOUT_SECONDS = _read("DUCKE_WEB_SEARCH_TIMEOUT_SECONDS", _float, 25.0)

@@ -5,6 +5,8 @@ import uuid
 
 import pytest
 import redis
+from asgiref.sync import sync_to_async
+from django.db import connections
 
 from quotas import limiter as limiter_module
 from quotas.policies import policy_cache
@@ -69,3 +71,13 @@ def no_redis(settings):
     settings.QUOTAS_REDIS_URL = ""
     shared_redis_links.clear()
     limiter_module._limiter = None
+
+
+@pytest.fixture
+async def close_worker_connections():
+    """Close database connections opened in asgiref's worker thread by async code.
+
+    Otherwise PostgreSQL refuses to drop the test database at the end of the run.
+    """
+    yield
+    await sync_to_async(connections.close_all, thread_sensitive=True)()
