@@ -283,17 +283,35 @@ def test_spoken_question_from_the_microphone_is_answered(launch_browser, voice_s
     assert page.js_errors == []
 
 
-def test_connection_limit_close_is_explained(launch_browser, voice_server, tmp_path):
-    page = open_page(launch_browser(), voice_server.url)
-    # The fresh-install rule allows 5 /session connections per minute per client.
-    for _ in range(5):
-        start_session(page)
-        page.click("#start")
-        wait_for_data(page, "d.state === 'closed'")
+def test_upstream_failure_close_is_explained(launch_browser, daphne_server_factory, tmp_path):
+    # With the simulator switched off the relay's upstream is unreachable: close 1011.
+    server = daphne_server_factory(DUCKE_SIMULATOR_ENABLED="0")
+    page = open_page(launch_browser(), server.url)
     page.click("#start")
-    wait_for_data(page, "d.closeCode === '4429' && d.state === 'error'")
+    wait_for_data(page, "d.state === 'error'")
+    assert root_data(page)["closeCode"] == "1011"
     banner = page.locator("#banner-error")
     assert banner.is_visible()
-    assert banner.inner_text().strip()
+    assert "voice service" in banner.inner_text()
+    assert page.locator("#start").inner_text() == "Start talking"
+    assert page.locator("#question").is_disabled()
+    assert page.js_errors == []
+
+
+def test_connection_limit_close_is_explained(launch_browser, daphne_server_factory, tmp_path):
+    server = daphne_server_factory(DUCKE_SIMULATOR_ENABLED="0")
+    page = open_page(launch_browser(), server.url)
+    # The fresh-install rule allows 5 /session connections per minute per client.
+    for attempt in range(5):
+        page.click("#start")
+        wait_for_data(page, "d.state === 'error'")
+        assert root_data(page)["closeCode"] == "1011", attempt
+    page.click("#start")
+    wait_for_data(page, "d.state === 'error' && d.closeCode === '4429'")
+    banner = page.locator("#banner-error")
+    assert banner.is_visible()
+    text = banner.inner_text()
+    assert text.strip() and "voice service" not in text, text
+    assert text.lower().count("try again") == 1, text
     page.screenshot(path=tmp_path / "rate-limited.png", full_page=True)
     assert page.js_errors == []

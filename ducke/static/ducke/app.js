@@ -99,6 +99,13 @@
     return `${minutes} minute${minutes === 1 ? "" : "s"}`;
   }
 
+  function withRetryHint(exceeded) {
+    const text = exceeded.message || "This session reached one of its limits.";
+    const wait = formatWait(exceeded.retry_after);
+    // The server's message may already say when; do not say it twice.
+    return wait && !/try again/i.test(text) ? `${text} You can try again in ${wait}.` : text;
+  }
+
   function showBanner(element, text) {
     element.textContent = text;
     element.hidden = !text;
@@ -382,10 +389,7 @@
       const exceeded = current.exceeded;
       let text = CLOSE_MESSAGES[event.code] || `The session closed unexpectedly (code ${event.code}).`;
       if (!current.opened) text = "Could not reach DUCK-E. Check that the server is running and try again.";
-      if (exceeded && exceeded.message) {
-        const wait = formatWait(exceeded.retry_after);
-        text = wait ? `${exceeded.message} You can try again in ${wait}.` : exceeded.message;
-      }
+      if (exceeded && exceeded.message) text = withRetryHint(exceeded);
       const clean = event.code === 1000 && !exceeded;
       // A server that closes normally says why just before (for example a long silence).
       const lastError = current.lastError;
@@ -481,9 +485,7 @@
         break;
       case "quota.exceeded": {
         current.exceeded = message;
-        const wait = formatWait(message.retry_after);
-        const text = message.message || "This session reached one of its limits.";
-        showBanner(ui.error, wait ? `${text} You can try again in ${wait}.` : text);
+        showBanner(ui.error, withRetryHint(message));
         break;
       }
       case "error": {
