@@ -56,16 +56,24 @@ def write_wav(path, samples, rate=48_000):
     return path
 
 
-def spoken_like_burst(rate=48_000, silence_before=0.6, talk=1.4, silence_after=4.0):
-    """Silence, a voiced, syllable-modulated signal loud enough for VAD, then silence."""
-    samples = [0.0] * int(rate * silence_before)
-    for n in range(int(rate * talk)):
+def voiced(seconds, rate=48_000):
+    """A voiced, syllable-modulated signal loud enough for the simulator's energy VAD."""
+    samples = []
+    for n in range(int(rate * seconds)):
         t = n / rate
-        voiced = sum(math.sin(2 * math.pi * 140 * k * t) / k for k in range(1, 8))
+        harmonics = sum(math.sin(2 * math.pi * 140 * k * t) / k for k in range(1, 8))
         syllables = 0.55 + 0.45 * math.sin(2 * math.pi * 4 * t)
-        samples.append(0.3 * voiced * syllables)
-    samples += [0.0] * int(rate * silence_after)
+        samples.append(0.3 * harmonics * syllables)
     return samples
+
+
+def silent(seconds, rate=48_000):
+    return [0.0] * int(rate * seconds)
+
+
+def spoken_like_burst():
+    """Silence, one spoken-like question, then silence."""
+    return silent(0.6) + voiced(1.4) + silent(4.0)
 
 
 @pytest.fixture
@@ -232,38 +240,64 @@ def test_audio_worklets_resample_to_pcm16_24k_and_play_gap_free(
     assert page.js_errors == []
 
 
-def test_typed_question_gets_a_spoken_answer_a_transcript_and_a_cost(
-    launch_browser, voice_server, tmp_path
-):
-    # A silent microphone: the typed question alone drives this conversation.
+def silent_microphone(tmp_path):
+    """Chromium argument for a silent fake microphone: typed questions alone drive the talk."""
     silence = write_wav(tmp_path / "silence.wav", [0.0] * 48_000)
-    page = open_page(
-        launch_browser(f"--use-file-for-fake-audio-capture={silence}"), voice_server.url
-    )
-    start_session(page)
-    question = "My loop runs one time too many. Why?"
+    return f"--use-file-for-fake-audio-capture={silence}"
+
+
+def ask_and_wait_for_answer(page, question):
+    """Type a question and wait until the duck's answer was played and transcribed."""
     page.fill("#question", question)
     page.press("#question", "Enter")
     wait_for_data(
         page,
-        "Number(d.audioChunks) > 0 && Number(d.playedSamples) > 0 && Number(d.duckTurns) > 0"
-        " && Number(d.cost) > 0",
+        "Number(d.audioChunks) > 0 && Number(d.playedSamples) > 0 && Number(d.duckTurns) > 0",
     )
     page.wait_for_selector(".turn-duck:not([aria-busy])", timeout=WAIT_MS)
-    page.screenshot(path=tmp_path / "duck-session.png", full_page=True)
+
+
+def test_typed_question_gets_a_spoken_answer_and_a_transcript(
+    launch_browser, voice_server, tmp_path
+):
+    page = open_page(launch_browser(silent_microphone(tmp_path)), voice_server.url)
+    page.select_option("#voice", "coral")
+    start_session(page)
+    question = "My loop runs one time too many. Why?"
+    try:
+        ask_and_wait_for_answer(page, question)
+    finally:
+        page.screenshot(path=tmp_path / "duck-session.png", full_page=True)
 
     assert page.locator(".turn-user .text").first.inner_text() == question
     assert page.locator(".turn-duck .text").first.inner_text().strip()
     data = root_data(page)
     assert int(data["audioBytes"]) > 0 and int(data["sentChunks"]) > 0, data
-    cost = page.locator("#cost").inner_text()
-    assert cost == f"${data['cost']}" and cost != "$0.0000", cost
-    assert page.locator("#cap").inner_text() == "$5.00"
-    assert page.locator("#time-left").inner_text().count(":") == 1
+    # Neither the voice choice nor anything else the page sent was refused by the relay.
+    assert data["errors"] == "0", page.locator("#banner-info").inner_text()
+    assert page.locator("#voice").is_disabled()  # the voice is fixed once the duck spoke
 
     page.click("#start")  # now labelled Stop
     wait_for_data(page, "d.state === 'closed'")
     assert page.locator("#start").inner_text() == "Start talking"
+    assert page.locator("#question").is_disabled()
+    assert page.js_errors == []
+
+
+def test_cost_meter_shows_the_spend_after_an_answer(launch_browser, voice_server, tmp_path):
+    page = open_page(launch_browser(silent_microphone(tmp_path)), voice_server.url)
+    start_session(page)
+    try:
+        ask_and_wait_for_answer(page, "Why is my cache always empty?")
+        # The relay reports the session's spend after each response (quota.status).
+        wait_for_data(page, "Number(d.cost) > 0")
+    finally:
+        page.screenshot(path=tmp_path / "cost-meter.png", full_page=True)
+    cost = page.locator("#cost").inner_text()
+    assert cost == f"${root_data(page)['cost']}" and cost != "$0.0000", cost
+    assert page.locator("#cap").inner_text() == "$5.00"
+    minutes, seconds = page.locator("#time-left").inner_text().split(":")
+    assert 0 < int(minutes) * 60 + int(seconds) <= 30 * 60
     assert page.js_errors == []
 
 
@@ -314,4 +348,27 @@ def test_connection_limit_close_is_explained(launch_browser, daphne_server_facto
     assert text.strip() and "voice service" not in text, text
     assert text.lower().count("try again") == 1, text
     page.screenshot(path=tmp_path / "rate-limited.png", full_page=True)
+    assert page.js_errors == []
+
+
+def test_talking_over_the_duck_stops_its_answer(launch_browser, voice_server, tmp_path):
+    # A question, a pause for the answer to begin, then talking over the duck.
+    speech = write_wav(
+        tmp_path / "barge-in.wav",
+        silent(0.6) + voiced(1.4) + silent(2.0) + voiced(1.2) + silent(6.0),
+    )
+    page = open_page(
+        launch_browser(f"--use-file-for-fake-audio-capture={speech}%noloop"), voice_server.url
+    )
+    start_session(page)
+    try:
+        # The first answer is cut short: flushed locally, cancelled upstream, and truncated
+        # to what was heard (the relay would report a refused truncate as an error).
+        page.wait_for_selector(".turn-duck.turn-cut", timeout=WAIT_MS)
+        wait_for_data(page, "Number(d.userTurns) >= 2")
+    finally:
+        page.screenshot(path=tmp_path / "barge-in.png", full_page=True)
+    data = root_data(page)
+    assert data["truncations"] == "1", data
+    assert data["errors"] == "0", page.locator("#banner-info").inner_text()
     assert page.js_errors == []

@@ -53,6 +53,7 @@
   // Counters exposed as data-* attributes on #ducke: cheap hooks for tests and debugging.
   const counters = {
     audioChunks: 0, audioBytes: 0, playedSamples: 0, sentChunks: 0, userTurns: 0, duckTurns: 0,
+    errors: 0, truncations: 0,
   };
   function count(name, by = 1) {
     counters[name] += by;
@@ -282,6 +283,7 @@
       content_index: 0,
       audio_end_ms: heard.playedMs,
     });
+    count("truncations");
   }
 
   function sendVoice() {
@@ -491,6 +493,7 @@
       case "error": {
         const error = message.error || {};
         current.lastError = { message: error.message || "", at: performance.now() };
+        count("errors");
         if (!ERRORS_TO_IGNORE.has(error.code)) showInfo(error.message || "Something went wrong.");
         break;
       }
