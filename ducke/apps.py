@@ -6,4 +6,4 @@ class DuckeConfig(AppConfig):
     verbose_name = "DUCK-E"
 
     def ready(self):
-        from . import checks  # noqa: F401 - registers the environment check
+        from . import checks, metrics_access  # noqa: F401 - register system checks

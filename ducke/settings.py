@@ -223,3 +223,15 @@ DUCKE_WEATHER_URL = env.str("DUCKE_WEATHER_URL", default="https://api.open-meteo
 DUCKE_OPENAI_BASE_URL = env.str("DUCKE_OPENAI_BASE_URL", default="https://api.openai.com/v1")
 DUCKE_TOOL_TIMEOUT_SECONDS = _read("DUCKE_TOOL_TIMEOUT_SECONDS", _float, 5.0)
 DUCKE_WEB_SEARCH_TIMEOUT_SECONDS = _read("DUCKE_WEB_SEARCH_TIMEOUT_SECONDS", _float, 25.0)
+
+# /metrics access (ducke/metrics_access.py); empty = no restriction.
+DUCKE_METRICS_ALLOWED_CIDRS = env.str("DUCKE_METRICS_ALLOWED_CIDRS", default="").strip()
+DUCKE_METRICS_TOKEN = env.str("DUCKE_METRICS_TOKEN", default="").strip()
+
+# Operator alerts (quotas/alerts.py).
+QUOTAS_ALERT_EMAILS = _read("QUOTAS_ALERT_EMAILS", env.list, [])
+QUOTAS_ALERT_WEBHOOK_URL = env.str("QUOTAS_ALERT_WEBHOOK_URL", default="").strip()
+SERVER_EMAIL = env.str("SERVER_EMAIL", default="ducke@localhost")
+# SMTP for alert mail, e.g. smtp+tls://user:password@smtp.example.com:587.
+if env.str("EMAIL_URL", default="").strip():
+    globals().update(_read("EMAIL_URL", env.email_url, {}))

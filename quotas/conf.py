@@ -13,6 +13,13 @@ QUOTAS_KEY_PREFIX         prefix of every Redis key, default "quotas".
 QUOTAS_POLICY_REFRESH_SECONDS  how often a process checks for policy edits, default 0.5.
 QUOTAS_REDIS_RETRY_SECONDS     how long an unavailable Redis is left alone, default 1.0.
 QUOTAS_REDIS_TIMEOUT_SECONDS   socket timeout for quota Redis calls, default 0.5.
+QUOTAS_ALERT_EMAILS            alert recipients (list or comma-separated); empty -> ADMINS.
+QUOTAS_ALERT_WEBHOOK_URL       Slack-compatible JSON webhook for alerts; empty -> none.
+QUOTAS_ALERT_DEDUPE_SECONDS    one alert per event and dedupe key in this window, default 3600.
+QUOTAS_ALERT_RETRIES           extra delivery attempts per channel after a failure, default 3.
+QUOTAS_ALERT_BACKOFF_SECONDS   first retry delay, doubled on each retry, default 2.0.
+QUOTAS_ALERT_TIMEOUT_SECONDS   webhook request timeout, default 5.0.
+QUOTAS_ALERT_QUEUE_SIZE        alerts waiting for delivery before new ones are dropped, default 100.
 """
 
 from django.conf import settings
@@ -28,6 +35,13 @@ _DEFAULTS = {
     "POLICY_REFRESH_SECONDS": 0.5,
     "REDIS_RETRY_SECONDS": 1.0,
     "REDIS_TIMEOUT_SECONDS": 0.5,
+    "ALERT_EMAILS": (),
+    "ALERT_WEBHOOK_URL": "",
+    "ALERT_DEDUPE_SECONDS": 3600,
+    "ALERT_RETRIES": 3,
+    "ALERT_BACKOFF_SECONDS": 2.0,
+    "ALERT_TIMEOUT_SECONDS": 5.0,
+    "ALERT_QUEUE_SIZE": 100,
 }
 
 

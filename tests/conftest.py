@@ -81,3 +81,14 @@ async def close_worker_connections():
     """
     yield
     await sync_to_async(connections.close_all, thread_sensitive=True)()
+
+
+@pytest.fixture
+def default_policies(django_db_blocker):
+    """The fresh-install rules, budget and prices, also in transactional tests (which flush)."""
+    from quotas.defaults import load_defaults
+    from quotas.models import BudgetPolicy, ModelPrice, PolicyVersion, RateLimitRule
+
+    with django_db_blocker.unblock():
+        load_defaults(RateLimitRule, BudgetPolicy, ModelPrice, PolicyVersion)
+    policy_cache.invalidate()

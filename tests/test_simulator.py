@@ -98,7 +98,7 @@ async def raw_client(server, query: str = "model=gpt-realtime"):
 # ------------------------------------------------------------------- through the official SDK
 
 
-async def test_sdk_drives_a_text_turn_with_audio_answer(simulator):  # noqa: F811
+async def test_sdk_drives_a_text_turn_with_audio_answer(simulator):
     client = AsyncOpenAI(api_key="sk-test", websocket_base_url=simulator.base_url)
     async with client.realtime.connect(model="gpt-realtime") as conn:
         created = await conn.recv()
@@ -167,7 +167,7 @@ async def test_sdk_drives_a_text_turn_with_audio_answer(simulator):  # noqa: F81
     ]
 
 
-async def test_spoken_turn_vad_transcription_and_answer(simulator):  # noqa: F811
+async def test_spoken_turn_vad_transcription_and_answer(simulator):
     speech = speech_like_pcm(1.5, seed=7)
     audio = speech + silence_pcm(0.7)
     client = AsyncOpenAI(api_key="sk-test", websocket_base_url=simulator.base_url)
@@ -211,7 +211,7 @@ async def test_spoken_turn_vad_transcription_and_answer(simulator):  # noqa: F81
     assert 18 <= usage.input_token_details.audio_tokens <= 22
 
 
-async def test_weather_question_becomes_a_function_call_then_a_spoken_answer(simulator):  # noqa: F811
+async def test_weather_question_becomes_a_function_call_then_a_spoken_answer(simulator):
     client = await raw_client(simulator)
     await client.send(
         {"type": "session.update", "session": {"type": "realtime", "tools": [WEATHER_TOOL]}}
@@ -262,7 +262,7 @@ async def test_weather_question_becomes_a_function_call_then_a_spoken_answer(sim
     await client.ws.close()
 
 
-async def test_cancel_mid_response_bills_only_audio_sent(simulator):  # noqa: F811
+async def test_cancel_mid_response_bills_only_audio_sent(simulator):
     simulator.pace = 1.0
     client = await raw_client(simulator)
     await client.send({"type": "conversation.item.create", "item": user_text(SHORT_QUESTION)})
@@ -296,7 +296,7 @@ async def test_cancel_mid_response_bills_only_audio_sent(simulator):  # noqa: F8
     await client.ws.close()
 
 
-async def test_second_turn_rebills_the_conversation_with_cache(simulator):  # noqa: F811
+async def test_second_turn_rebills_the_conversation_with_cache(simulator):
     client = await raw_client(simulator)
     usages = []
     for text in ("Why is my test flaky?", "It only fails on Mondays."):
@@ -318,7 +318,7 @@ async def test_second_turn_rebills_the_conversation_with_cache(simulator):  # no
     await client.ws.close()
 
 
-async def test_pace_one_streams_audio_in_real_time(simulator):  # noqa: F811
+async def test_pace_one_streams_audio_in_real_time(simulator):
     simulator.pace = 1.0
     client = await raw_client(simulator)
     await client.send({"type": "conversation.item.create", "item": user_text(SHORT_QUESTION)})
@@ -339,7 +339,7 @@ async def test_pace_one_streams_audio_in_real_time(simulator):  # noqa: F811
     await client.ws.close()
 
 
-async def test_speech_interrupts_the_running_response(simulator):  # noqa: F811
+async def test_speech_interrupts_the_running_response(simulator):
     simulator.pace = 1.0
     client = await raw_client(simulator)
     await client.send({"type": "conversation.item.create", "item": user_text(SHORT_QUESTION)})
@@ -353,7 +353,7 @@ async def test_speech_interrupts_the_running_response(simulator):  # noqa: F811
     await client.ws.close()
 
 
-async def test_text_modality_and_max_output_tokens(simulator):  # noqa: F811
+async def test_text_modality_and_max_output_tokens(simulator):
     client = await raw_client(simulator)
     await client.send({"type": "conversation.item.create", "item": user_text(SHORT_QUESTION)})
     await client.send({"type": "response.create", "response": {"output_modalities": ["text"]}})
@@ -377,7 +377,7 @@ async def test_text_modality_and_max_output_tokens(simulator):  # noqa: F811
 # ------------------------------------------------------------------- errors and faults
 
 
-async def test_error_cases_leave_the_session_open(simulator):  # noqa: F811
+async def test_error_cases_leave_the_session_open(simulator):
     simulator.pace = 1.0  # keeps the first response active while we poke at it
     client = await raw_client(simulator)
 
@@ -445,7 +445,7 @@ async def test_error_cases_leave_the_session_open(simulator):  # noqa: F811
     await client.ws.close()
 
 
-async def test_truncate_shortens_assistant_audio_in_later_billing(simulator):  # noqa: F811
+async def test_truncate_shortens_assistant_audio_in_later_billing(simulator):
     client = await raw_client(simulator)
     await client.send({"type": "conversation.item.create", "item": user_text(SHORT_QUESTION)})
     await client.send({"type": "response.create"})
@@ -467,7 +467,7 @@ async def test_truncate_shortens_assistant_audio_in_later_billing(simulator):  #
     await client.ws.close()
 
 
-async def test_fault_reject_refuses_the_handshake(simulator):  # noqa: F811
+async def test_fault_reject_refuses_the_handshake(simulator):
     with pytest.raises(websockets.exceptions.InvalidStatus) as caught:
         await ws_connect(f"{simulator.url}?model=gpt-realtime&fault=reject")
     assert caught.value.response.status_code == 403
@@ -476,14 +476,14 @@ async def test_fault_reject_refuses_the_handshake(simulator):  # noqa: F811
         await ws_connect(f"{simulator.url}?model=gpt-realtime")
 
 
-async def test_fault_close_after_created(simulator):  # noqa: F811
+async def test_fault_close_after_created(simulator):
     client = await raw_client(simulator, "model=gpt-realtime&fault=close_after_created")
     with pytest.raises(websockets.exceptions.ConnectionClosed) as caught:
         await client.recv()
     assert caught.value.rcvd.code == 1011
 
 
-async def test_fault_close_mid_response(simulator):  # noqa: F811
+async def test_fault_close_mid_response(simulator):
     simulator.fault = "close_mid_response"
     client = await raw_client(simulator)
     await client.send({"type": "response.create"})
@@ -494,7 +494,7 @@ async def test_fault_close_mid_response(simulator):  # noqa: F811
     assert caught.value.rcvd.code == 1011
 
 
-async def test_session_expires_with_error_then_close_1001(simulator):  # noqa: F811
+async def test_session_expires_with_error_then_close_1001(simulator):
     simulator.max_session_seconds = 0.2
     client = await raw_client(simulator)
     error = (await client.until("error"))[-1]["error"]
@@ -504,7 +504,7 @@ async def test_session_expires_with_error_then_close_1001(simulator):  # noqa: F
     assert caught.value.rcvd.code == 1001
 
 
-async def test_missing_model_or_wrong_path(simulator):  # noqa: F811
+async def test_missing_model_or_wrong_path(simulator):
     ws = await ws_connect(simulator.url)
     error = json.loads(await ws.recv())
     assert error["error"]["code"] == "missing_required_parameter"
@@ -535,6 +535,7 @@ async def receive_until(communicator, event_type: str) -> list[dict]:
     return events
 
 
+@pytest.mark.django_db(transaction=True)
 async def test_channels_consumer_serves_a_session(channels_app):
     from ducke.realtime import simulator_consumer
 

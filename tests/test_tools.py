@@ -30,7 +30,7 @@ def caller():
 
 
 @pytest.fixture
-def weather_at(settings, fake_weather):  # noqa: F811
+def weather_at(settings, fake_weather):
     """Point the weather tools at the fake Open-Meteo."""
     settings.DUCKE_GEOCODING_URL = fake_weather.base_url
     settings.DUCKE_WEATHER_URL = fake_weather.base_url + "/"  # a trailing slash is fine
@@ -39,7 +39,7 @@ def weather_at(settings, fake_weather):  # noqa: F811
 
 
 @pytest.fixture
-def search_at(settings, fake_responses_api):  # noqa: F811
+def search_at(settings, fake_responses_api):
     """Point web search at the fake Responses API with a recognisable key."""
     settings.DUCKE_OPENAI_BASE_URL = fake_responses_api.base_url
     settings.OPENAI_API_KEY = SECRET

@@ -1,0 +1,7 @@
+"""Root conftest: registers the shared fixture modules of tests/fixtures/ for every test."""
+
+pytest_plugins = [
+    "tests.fixtures.simulator",
+    "tests.fixtures.fake_services",
+    "tests.fixtures.relay",
+]
