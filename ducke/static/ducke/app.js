@@ -123,7 +123,7 @@
   const STATE_TEXT = {
     idle: "Not connected",
     connecting: "Connecting…",
-    live: "Listening",
+    live: "Connected",
     closed: "Session ended",
     error: "Disconnected",
   };
@@ -134,7 +134,6 @@
     const active = state === "connecting" || state === "live";
     ui.start.textContent = active ? "Stop" : "Start talking";
     ui.start.classList.toggle("btn-stop", active);
-    ui.start.setAttribute("aria-pressed", active ? "true" : "false");
     ui.question.disabled = state !== "live";
     ui.askButton.disabled = state !== "live";
     if (!active) {
@@ -144,12 +143,10 @@
     }
   }
 
+  // Shown, not announced: a screen reader user hears the duck, and a live region changing at
+  // every pause in its speech would talk over it.
   function setSpeaking(speaking) {
-    if (root.dataset.speaking === String(speaking)) return;
     root.dataset.speaking = String(speaking);
-    if (root.dataset.state === "live") {
-      ui.connectionText.textContent = speaking ? "The duck is speaking" : "Listening";
-    }
   }
 
   function populateVoices() {
@@ -537,6 +534,12 @@
       turns: new Map(), truncated: new Set(),
     };
     session = current;
+    if (ui.transcript.querySelector(".turn-user, .turn-duck")) {
+      const divider = document.createElement("li");
+      divider.className = "turn turn-divider";
+      divider.textContent = "New session";
+      ui.transcript.append(divider);
+    }
     setState("connecting");
     current.clock = setInterval(tickClock, 1000);
     try {
