@@ -119,6 +119,11 @@ DATABASES = {
         _SQLITE,
     )
 }
+if DATABASES["default"].get("ENGINE") == "django.db.backends.postgresql":
+    # Reuse connections: async code reaches the ORM through worker threads, and a new
+    # connection per ledger booking would cap bookings near 150/s.
+    DATABASES["default"].setdefault("CONN_MAX_AGE", 60)
+    DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
 _ENGINES = {"django.db.backends.postgresql", "django.db.backends.sqlite3"}
 if DATABASES["default"].get("ENGINE") not in _ENGINES:
     ENVIRONMENT_ERRORS.append(

@@ -15,5 +15,7 @@ def redis_status():
 
 
 def breaker_state():
-    """'closed', 'open' or 'half_open'."""
-    return "closed"
+    """'closed', 'open' or 'half_open' (this process's twin while Redis is down)."""
+    from .spend import spend_counters
+
+    return spend_counters().breaker_state()

@@ -1,6 +1,7 @@
 """Quota policies edited in the admin: rate-limit rules, model prices, budget policy."""
 
 import re
+import uuid
 from decimal import Decimal
 
 from django.core.exceptions import ValidationError
@@ -177,3 +178,79 @@ class PolicyVersion(models.Model):
 
     def __str__(self):
         return f"policy version {self.version}"
+
+
+class QuotaSession(models.Model):
+    """One WebSocket session's ledger header: who, which model, when, why it ended, what it cost.
+
+    Token totals are by billing kind, like ``UsageRecord``: ``text_input`` excludes the cached
+    text tokens counted in ``cached_text_input`` (same for audio), so
+    cost = sum(tokens x price per token) holds row by row.
+    """
+
+    class EndReason(models.TextChoices):
+        CLIENT_CLOSED = "client_closed", "client closed"
+        BUDGET = "budget", "session budget spent"
+        DURATION = "duration", "session duration reached"
+        HOURLY_CAP = "hourly_cap", "hourly cap reached"
+        BREAKER = "breaker", "circuit breaker open"
+        UPSTREAM_ERROR = "upstream_error", "upstream error"
+        SERVER_SHUTDOWN = "server_shutdown", "server shutdown"
+        IDLE = "idle", "idle"
+        ERROR = "error", "error"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    client = models.CharField(max_length=100, db_index=True)
+    model = models.CharField(max_length=100)
+    started_at = models.DateTimeField(default=timezone.now, db_index=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    end_reason = models.CharField(max_length=32, choices=EndReason.choices, blank=True)
+    cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+    text_input = models.BigIntegerField(default=0)
+    cached_text_input = models.BigIntegerField(default=0)
+    audio_input = models.BigIntegerField(default=0)
+    cached_audio_input = models.BigIntegerField(default=0)
+    text_output = models.BigIntegerField(default=0)
+    audio_output = models.BigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-started_at"]
+        indexes = [models.Index(fields=["ended_at"], name="quotas_session_ended_idx")]
+
+    def __str__(self):
+        return f"session {self.id} ({self.client}, {self.model})"
+
+
+class UsageRecord(models.Model):
+    """One billed usage event (a response, a transcription or a tool call), booked once."""
+
+    class Kind(models.TextChoices):
+        RESPONSE = "response", "realtime response"
+        TRANSCRIPTION = "transcription", "input transcription"
+        TOOL = "tool", "tool call"
+
+    session = models.ForeignKey(QuotaSession, on_delete=models.PROTECT, related_name="usage")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    model = models.CharField(max_length=100)
+    # The idempotency key: response id, transcription item id or tool call id.
+    response_id = models.CharField(max_length=128)
+    text_input = models.BigIntegerField(default=0)
+    cached_text_input = models.BigIntegerField(default=0)
+    audio_input = models.BigIntegerField(default=0)
+    cached_audio_input = models.BigIntegerField(default=0)
+    text_output = models.BigIntegerField(default=0)
+    audio_output = models.BigIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=12, decimal_places=6)
+    unknown_model = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["session", "response_id"], name="quotas_usage_once_per_session"
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.kind} {self.response_id}: ${self.cost_usd}"

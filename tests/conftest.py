@@ -9,6 +9,7 @@ from asgiref.sync import sync_to_async
 from django.db import connections
 
 from quotas import limiter as limiter_module
+from quotas import spend as spend_module
 from quotas.policies import policy_cache
 from quotas.redis_client import _shared as shared_redis_links
 
@@ -22,12 +23,16 @@ def redis_required():
 @pytest.fixture(autouse=True)
 def fresh_quota_state():
     """Each test starts with no cached policies and no in-process counters."""
-    policy_cache.invalidate()
-    limiter_module._limiter = None
-    shared_redis_links.clear()
+    reset_process_state()
     yield
+    reset_process_state()
+
+
+def reset_process_state():
+    """Forget cached policies, counters, spend totals and Redis links of this process."""
     policy_cache.invalidate()
     limiter_module._limiter = None
+    spend_module._counters.clear()
     shared_redis_links.clear()
 
 
