@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.simulator",
     "tests.fixtures.fake_services",
     "tests.fixtures.relay",
+    "tests.fixtures.live_server",
 ]

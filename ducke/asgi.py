@@ -8,10 +8,21 @@ from django.core.asgi import get_asgi_application
 
 django_asgi_app = get_asgi_application()
 
+import sys  # noqa: E402
+
 from django.core.management import call_command  # noqa: E402
+from django.core.management.base import SystemCheckError  # noqa: E402
 
 # Stop start-up on a bad environment variable with the check's message, not mid-request.
-call_command("check", fail_level="ERROR", verbosity=0)
+try:
+    call_command("check", fail_level="ERROR", verbosity=0)
+except SystemCheckError as error:
+    sys.stderr.write(f"DUCK-E cannot start:\n{error}\n")
+    raise SystemExit(1) from None
+
+from ducke.close_codes import allow_server_close_codes  # noqa: E402
+
+allow_server_close_codes()
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 

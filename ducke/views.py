@@ -5,6 +5,7 @@ from django.http import JsonResponse
 from django.shortcuts import render
 
 import ducke
+from ducke.realtime.client_events import ALLOWED_VOICES
 from ducke.realtime.upstream import realtime_backend
 from quotas import health
 
@@ -14,7 +15,11 @@ def index(request):
     return render(
         request,
         "ducke/index.html",
-        {"simulator": realtime_backend() == "simulator", "version": ducke.__version__},
+        {
+            "simulator": realtime_backend() == "simulator",
+            "version": ducke.__version__,
+            "voices": ALLOWED_VOICES,
+        },
     )
 
 

@@ -8,7 +8,9 @@ fixed lists. Never a session id or a client address.
 from prometheus_client import Counter, Gauge, Histogram
 
 rate_limit_exceeded_total = Counter(
-    "rate_limit_exceeded_total", "Hits refused (or, for shadow rules, over) by a rate limit", ["endpoint"]
+    "rate_limit_exceeded_total",
+    "Hits refused (or, for shadow rules, over) by a rate limit",
+    ["endpoint"],
 )
 rate_limit_check_duration_seconds = Histogram(
     "rate_limit_check_duration_seconds",

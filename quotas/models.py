@@ -81,15 +81,21 @@ class ModelPrice(models.Model):
     TOKEN_KINDS = TOKEN_KINDS
 
     model = models.CharField(max_length=100, db_index=True)
-    text_input = models.DecimalField(max_digits=12, decimal_places=6, validators=[MinValueValidator(0)])
+    text_input = models.DecimalField(
+        max_digits=12, decimal_places=6, validators=[MinValueValidator(0)]
+    )
     cached_text_input = models.DecimalField(
         max_digits=12, decimal_places=6, validators=[MinValueValidator(0)]
     )
-    audio_input = models.DecimalField(max_digits=12, decimal_places=6, validators=[MinValueValidator(0)])
+    audio_input = models.DecimalField(
+        max_digits=12, decimal_places=6, validators=[MinValueValidator(0)]
+    )
     cached_audio_input = models.DecimalField(
         max_digits=12, decimal_places=6, validators=[MinValueValidator(0)]
     )
-    text_output = models.DecimalField(max_digits=12, decimal_places=6, validators=[MinValueValidator(0)])
+    text_output = models.DecimalField(
+        max_digits=12, decimal_places=6, validators=[MinValueValidator(0)]
+    )
     audio_output = models.DecimalField(
         max_digits=12, decimal_places=6, validators=[MinValueValidator(0)]
     )
@@ -119,12 +125,17 @@ class BudgetPolicy(models.Model):
     session_cap_usd = models.DecimalField(
         max_digits=12, decimal_places=6, default=Decimal("5.00"), validators=[MinValueValidator(0)]
     )
-    session_max_seconds = models.PositiveIntegerField(default=1800, validators=[MinValueValidator(1)])
+    session_max_seconds = models.PositiveIntegerField(
+        default=1800, validators=[MinValueValidator(1)]
+    )
     hourly_cap_usd = models.DecimalField(
         max_digits=12, decimal_places=6, default=Decimal("50.00"), validators=[MinValueValidator(0)]
     )
     breaker_threshold_usd = models.DecimalField(
-        max_digits=12, decimal_places=6, default=Decimal("100.00"), validators=[MinValueValidator(0)]
+        max_digits=12,
+        decimal_places=6,
+        default=Decimal("100.00"),
+        validators=[MinValueValidator(0)],
     )
     breaker_cooldown_seconds = models.PositiveIntegerField(
         default=3600, validators=[MinValueValidator(1)]

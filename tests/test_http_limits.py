@@ -164,7 +164,7 @@ def summary(status, headers, body):
     return status, tuple(headers.get(f) for f in fields), body
 
 
-async def test_async_path_gives_the_same_answers_as_sync(backend, settings, thread_connections):  # noqa: F811
+async def test_async_path_gives_the_same_answers_as_sync(backend, settings, thread_connections):
     """The same 62 requests through the ASGI app and through the sync client compare equal."""
     from asgiref.sync import sync_to_async
     from django.test import Client

@@ -235,7 +235,7 @@ async def test_async_and_sync_share_counters(use_redis):
 
 
 @pytest.mark.redis
-def test_redis_windows_reload_a_flushed_script(redis_server):  # noqa: F811
+def test_redis_windows_reload_a_flushed_script(redis_server):
     """After SCRIPT FLUSH (as after a Redis restart) the script is loaded again."""
     windows = RedisWindows(SharedRedis(redis_server.url), prefix="flush")
     limit = [Limit("k", limit=3, window_seconds=60)]
@@ -255,7 +255,7 @@ def test_idle_counters_are_swept():
 
 
 @pytest.mark.redis
-async def test_password_in_the_url_is_used(redis_server_with_password):  # noqa: F811
+async def test_password_in_the_url_is_used(redis_server_with_password):
     url = redis_server_with_password.url
     with pytest.raises(redis.exceptions.AuthenticationError):
         redis.Redis.from_url(url.replace("s3cret-pass", "wrong")).ping()

@@ -23,7 +23,7 @@ STATUS_LIMIT = 4
 
 
 @pytest.fixture
-def quota_redis(settings, redis_server):  # noqa: F811
+def quota_redis(settings, redis_server):
     """The app's quotas on a private redis-server that the test may stop and start."""
     from quotas import limiter as limiter_module
     from quotas.redis_client import _shared
@@ -117,7 +117,7 @@ def test_closed_fail_mode_refuses_while_down(client, quota_redis, low_status_lim
     assert response.json()["redis"] == "ok"
 
 
-async def test_async_path_survives_the_outage(quota_redis, settings, thread_connections):  # noqa: F811
+async def test_async_path_survives_the_outage(quota_redis, settings, thread_connections):
     """Through the ASGI app (async middleware, asyncio Redis client), default limits."""
     from asgiref.sync import sync_to_async
 

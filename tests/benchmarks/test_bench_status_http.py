@@ -138,7 +138,7 @@ async def drive(url, seconds):
     return done, elapsed
 
 
-def test_status_throughput_quotas_on_vs_off(tmp_path, redis_server):  # noqa: F811
+def test_status_throughput_quotas_on_vs_off(tmp_path, redis_server):
     database = tmp_path / "bench.sqlite3"
     env = base_environment(database)
     subprocess.run([sys.executable, "-c", PREPARE], cwd=ROOT, env=env, check=True, timeout=120)
