@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.fake_services",
     "tests.fixtures.relay",
     "tests.fixtures.live_server",
+    "tests.fixtures.redis_server",
 ]

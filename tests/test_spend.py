@@ -1,8 +1,6 @@
 """Shared spend counters: rolling hour, breaker state machine, admission, races, outages."""
 
 import asyncio
-import socket
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -17,6 +15,7 @@ from quotas import spend as spend_module
 from quotas.policies import BudgetSpec
 from quotas.redis_client import SharedRedis
 from quotas.spend import CLOSED, HALF_OPEN, OPEN, SpendCounters
+from tests.fixtures.redis_server import spare_port
 
 T0 = 1_800_000_000.0
 BUDGET = BudgetSpec(
@@ -237,69 +236,8 @@ def test_health_reports_the_breaker(use_redis, db):
 # -- Redis outage: book to the ledger, count in process, rebuild Redis from the ledger ---------
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RedisServer:
-    """A throwaway redis-server on a spare loopback port (no persistence)."""
-
-    def __init__(self):
-        self.port = _free_port()
-        self.process = None
-
-    @property
-    def url(self):
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self):
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
-                return
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self):
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=5)
-            self.process = None
-
-
-@pytest.fixture
-def private_redis(redis_url):
-    """A redis-server of our own, so the test can stop and restart it."""
-    server = RedisServer()
-    try:
-        server.start()
-    except (FileNotFoundError, RuntimeError) as exc:
-        pytest.skip(f"cannot run redis-server: {exc}")
-    yield server
-    server.stop()
-
-
 @pytest.mark.django_db(transaction=True)
-async def test_redis_outage_books_to_ledger_then_rebuilds_counters(private_redis, settings):
+async def test_redis_outage_books_to_ledger_then_rebuilds_counters(redis_server, settings):
     from quotas.defaults import SHEET_EPOCH, load_price_sheet
     from quotas.meter import SessionMeter
     from quotas.models import ModelPrice, QuotaSession, UsageRecord
@@ -307,7 +245,7 @@ async def test_redis_outage_books_to_ledger_then_rebuilds_counters(private_redis
     await database_sync_to_async(load_price_sheet)(ModelPrice, "default", SHEET_EPOCH)
     settings.QUOTAS_FAIL_MODE = "local"
     clock = Clock()
-    link = SharedRedis(private_redis.url, timeout=0.2, retry_seconds=0.0, timer=time.monotonic)
+    link = SharedRedis(redis_server.url, timeout=0.2, retry_seconds=0.0, timer=time.monotonic)
     counters = SpendCounters(link, timer=clock, prefix="outage")
     meters = [
         SessionMeter(f"10.0.0.{i}", "gpt-realtime", BUDGET, timer=clock, counters=counters)
@@ -324,7 +262,7 @@ async def test_redis_outage_books_to_ledger_then_rebuilds_counters(private_redis
     await meters[1].charge_response(response(1))
     assert (await counters.aevaluate(None, 0, BUDGET, mode="read")).engine == "redis"
 
-    private_redis.stop()
+    redis_server.stop()
     clock.now += 10
     during = await meters[0].charge_response(response(2))
     assert during.booked
@@ -337,7 +275,7 @@ async def test_redis_outage_books_to_ledger_then_rebuilds_counters(private_redis
     ledger = await UsageRecord.objects.aaggregate(total=Sum("cost_usd"))
     assert local.hour_usd == ledger["total"]
 
-    private_redis.start()  # comes back empty: no persistence
+    redis_server.start()  # comes back empty: no persistence
     clock.now += 10
     for _ in range(3):  # the first call may meet a stale pooled connection
         if (await counters.aevaluate(None, 0, BUDGET, mode="read")).engine == "redis":
@@ -345,7 +283,7 @@ async def test_redis_outage_books_to_ledger_then_rebuilds_counters(private_redis
     await meters[0].charge_response(response(4))
     await counters.wait_rebuilt()
 
-    client = redis.Redis.from_url(private_redis.url)
+    client = redis.Redis.from_url(redis_server.url)
     ledger = await UsageRecord.objects.aaggregate(total=Sum("cost_usd"))
     assert Decimal(int(client.get("outage:spend:hour"))) / USD == ledger["total"]
     assert client.zcard("outage:spend:hour:entries") == await UsageRecord.objects.acount() == 5
@@ -368,7 +306,7 @@ async def test_unreachable_redis_still_books_and_counts(settings):
 
     await database_sync_to_async(load_price_sheet)(ModelPrice, "default", SHEET_EPOCH)
     clock = Clock()
-    link = SharedRedis(f"redis://127.0.0.1:{_free_port()}/0", timeout=0.2, retry_seconds=30)
+    link = SharedRedis(f"redis://127.0.0.1:{spare_port()}/0", timeout=0.2, retry_seconds=30)
     counters = SpendCounters(link, timer=clock, prefix="nowhere")
     meter = SessionMeter("10.0.0.9", "gpt-realtime", BUDGET, timer=clock, counters=counters)
     await meter.open()
@@ -410,7 +348,7 @@ def test_async_read_sees_the_breaker(redis_url, redis_prefix):
 
 @pytest.mark.parametrize(("mode", "allowed"), [("local", True), ("open", True), ("closed", False)])
 def test_admission_per_fail_mode_while_redis_is_down(mode, allowed):
-    link = SharedRedis(f"redis://127.0.0.1:{_free_port()}/0", timeout=0.2, retry_seconds=30)
+    link = SharedRedis(f"redis://127.0.0.1:{spare_port()}/0", timeout=0.2, retry_seconds=30)
     counters = SpendCounters(link, timer=Clock(), fail_mode=mode, ledger=False)
     admission = counters.admit(BUDGET)
     assert admission.allowed is allowed
