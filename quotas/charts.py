@@ -7,7 +7,10 @@ from pygal.style import DefaultStyle
 
 from .reports import format_cell
 
+# Stripped from pygal's output: comments (they carry pygal's URLs) and its inline config
+# script (tooltips only; the page needs no JavaScript).
 _COMMENTS = re.compile(r"<!--.*?-->", re.S)
+_SCRIPTS = re.compile(r"<script\b.*?</script>", re.S | re.I)
 MAX_LABELS = 24
 
 
@@ -68,4 +71,4 @@ def render_chart(result):
             name = columns[key].label if key in columns else key
             chart.add(name, [float(row.get(key) or 0) for row in rows])
     svg = chart.render(is_unicode=True)
-    return _COMMENTS.sub("", svg)
+    return _SCRIPTS.sub("", _COMMENTS.sub("", svg))

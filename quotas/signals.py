@@ -8,6 +8,7 @@ keeps who changed what, with the fields before and after. The admin names the us
 import contextlib
 import contextvars
 import json
+from decimal import Decimal
 
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
@@ -50,7 +51,11 @@ def policy_fields(instance):
     for field in instance._meta.concrete_fields:
         if field.primary_key or getattr(field, "auto_now", False):
             continue
-        values[field.name] = field.value_from_object(instance)
+        value = field.value_from_object(instance)
+        if isinstance(value, Decimal) and getattr(field, "decimal_places", None) is not None:
+            # As stored: 50 and 50.000000 are the same price, not a change.
+            value = value.quantize(Decimal(1).scaleb(-field.decimal_places))
+        values[field.name] = value
     return json.loads(json.dumps(values, cls=DjangoJSONEncoder))
 
 
