@@ -26,6 +26,7 @@ def _config():
         "x_label_rotation": 30,
         "truncate_label": 24,
         "print_values": False,
+        "include_x_axis": True,  # money axes start at 0
         "no_data_text": "No data in this range",
     }
 
