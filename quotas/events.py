@@ -8,9 +8,9 @@ of 429s is one row per minute per rule and endpoint, not one INSERT per refusal.
 A daemon thread writes the buffer every ``QUOTAS_EVENT_FLUSH_SECONDS`` (default 5; 0 turns the
 thread off, e.g. in tests, which call ``flush()`` themselves) with one upsert per table
 (``INSERT ... ON CONFLICT DO UPDATE SET count = count + excluded.count``, on PostgreSQL and
-SQLite alike); the interpreter's exit flushes once more (only when the writer is on). A failed write keeps the counts for
-the next attempt; past ``MAX_PENDING_KEYS`` distinct keys new ones are dropped (and logged),
-so a database outage cannot grow memory without bound.
+SQLite alike); the interpreter's exit flushes once more (only when the writer is on). A
+failed write keeps the counts for the next attempt; past ``MAX_PENDING_KEYS`` distinct keys
+new ones are dropped (and logged), so a database outage cannot grow memory without bound.
 
 Public API::
 
