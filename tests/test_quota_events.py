@@ -6,6 +6,7 @@ from decimal import Decimal
 
 import pytest
 from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
 from django.core.management import call_command
 from django.utils import timezone
 
@@ -338,3 +339,39 @@ def test_prune_removes_only_what_is_past_retention():
 
     call_command("quotas_prune", "--days", "30", stdout=io.StringIO())
     assert BreakerEvent.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_connection_guard_refusals_are_recorded(
+    default_policies, no_redis, quiet_events, close_worker_connections
+):
+    from channels.testing import WebsocketCommunicator
+
+    from quotas.guards import ConnectionGuard
+
+    async def accept_and_close(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": 1000})
+
+    guard = ConnectionGuard(accept_and_close)
+    codes = []
+    for _ in range(7):  # session-connect allows 5 a minute
+        communicator = WebsocketCommunicator(guard, "/session")
+        communicator.scope["client"] = ("192.0.2.9", 50000)
+        await communicator.connect()
+        while True:
+            message = await communicator.receive_output(timeout=2)
+            if message["type"] == "websocket.close":
+                codes.append(message["code"])
+                break
+        await communicator.wait()
+    assert codes == [1000] * 5 + [4429, 4429]
+    await database_sync_to_async(events.flush)()
+    row = await RateLimitViolation.objects.aget()
+    assert (row.rule, row.scope, row.endpoint, row.count) == (
+        "session-connect",
+        "websocket",
+        "/session",
+        2,
+    )
