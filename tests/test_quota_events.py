@@ -23,6 +23,7 @@ from quotas.models import (
     UsageRecord,
 )
 from quotas.policies import BudgetSpec
+from quotas.redis_client import SharedRedis
 from quotas.spend import CLOSED, HALF_OPEN, OPEN, SpendCounters
 from tests.fixtures.ledger import make_session, make_usage, quiet_events  # noqa: F401
 
@@ -154,10 +155,22 @@ def test_failed_flush_keeps_the_counts(quiet_events, monkeypatch):
 # -- breaker events and alerts ------------------------------------------------------------
 
 
+@pytest.fixture(params=["local", "redis"])
+def engine_counters(request):
+    """Counters factory on the in-process twin or on a real Redis (the Lua script)."""
+    if request.param == "local":
+        return lambda clock: SpendCounters(None, timer=clock, ledger=False)
+    url = request.getfixturevalue("redis_url")
+    prefix = request.getfixturevalue("redis_prefix")
+    return lambda clock: SpendCounters(SharedRedis(url), timer=clock, prefix=prefix, ledger=False)
+
+
 @pytest.mark.django_db
-def test_breaker_trip_records_an_event_and_sends_one_alert(alert_mail, quiet_events):
+def test_breaker_trip_records_an_event_and_sends_one_alert(
+    alert_mail, quiet_events, engine_counters
+):
     clock = Clock()
-    counters = SpendCounters(None, timer=clock, ledger=False)
+    counters = engine_counters(clock)
     state = counters.charge("s1", 11 * USD, BUDGET)
     assert state.tripped and state.breaker == OPEN
     events.flush()
@@ -183,9 +196,11 @@ def test_breaker_trip_records_an_event_and_sends_one_alert(alert_mail, quiet_eve
 
 
 @pytest.mark.django_db
-def test_breaker_closing_by_itself_is_recorded_and_alerted(alert_mail, quiet_events):
+def test_breaker_closing_by_itself_is_recorded_and_alerted(
+    alert_mail, quiet_events, engine_counters
+):
     clock = Clock()
-    counters = SpendCounters(None, timer=clock, ledger=False)
+    counters = engine_counters(clock)
     counters.charge("s1", 11 * USD, BUDGET)
     clock.now += 3601  # the hour's spend has expired and the cool-down is over
     assert counters.read(BUDGET).breaker == CLOSED
