@@ -1,12 +1,37 @@
-"""Admin pages to edit rate-limit rules, model prices and the budget policy."""
+"""Admin pages to edit rate-limit rules, model prices and the budget policy, the read-only
+ledger and event records, and the reports under ``/admin/quotas/reports/``."""
 
 from django.contrib import admin
 
-from .models import BudgetPolicy, ModelPrice, RateLimitRule
+from .models import BudgetPolicy, ModelPrice, PolicyChange, RateLimitRule
+from .signals import acting_as
+
+
+class PolicyHistoryAdmin(admin.ModelAdmin):
+    """Attributes saves and deletes to the admin user, and shows them in the object history."""
+
+    def save_model(self, request, obj, form, change):
+        with acting_as(request.user.get_username()):
+            super().save_model(request, obj, form, change)
+
+    def delete_model(self, request, obj):
+        with acting_as(request.user.get_username()):
+            super().delete_model(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        with acting_as(request.user.get_username()):
+            super().delete_queryset(request, queryset)
+
+    def history_view(self, request, object_id, extra_context=None):
+        changes = PolicyChange.objects.filter(
+            object_type=self.opts.label_lower, object_id=str(object_id)
+        )[:100]
+        extra_context = {**(extra_context or {}), "policy_changes": changes}
+        return super().history_view(request, object_id, extra_context)
 
 
 @admin.register(RateLimitRule)
-class RateLimitRuleAdmin(admin.ModelAdmin):
+class RateLimitRuleAdmin(PolicyHistoryAdmin):
     list_display = (
         "name",
         "scope",
@@ -23,7 +48,7 @@ class RateLimitRuleAdmin(admin.ModelAdmin):
 
 
 @admin.register(ModelPrice)
-class ModelPriceAdmin(admin.ModelAdmin):
+class ModelPriceAdmin(PolicyHistoryAdmin):
     list_display = (
         "model",
         "effective_from",
@@ -41,7 +66,7 @@ class ModelPriceAdmin(admin.ModelAdmin):
 
 
 @admin.register(BudgetPolicy)
-class BudgetPolicyAdmin(admin.ModelAdmin):
+class BudgetPolicyAdmin(PolicyHistoryAdmin):
     list_display = (
         "name",
         "active",
@@ -128,7 +153,7 @@ class UsageRecordAdmin(ViewOnlyAdmin):
 @admin.action(description="Reset circuit breaker")
 def reset_circuit_breaker(modeladmin, request, queryset):
     counters = spend_counters()
-    shared = counters.reset_breaker()
+    shared = counters.reset_breaker(actor=request.user.get_username())
     where = "on every instance (Redis)" if shared else "in this process (Redis not in use)"
     modeladmin.message_user(
         request,
@@ -144,3 +169,71 @@ admin.site.unregister(BudgetPolicy)
 @admin.register(BudgetPolicy)
 class BudgetPolicyWithBreakerAdmin(BudgetPolicyAdmin):
     actions = [reset_circuit_breaker]
+
+
+# -- Events (view only) ---------------------------------------------------------------------
+
+from .models import (  # noqa: E402
+    BreakerEvent,
+    RateLimitViolation,
+    Reports,
+    ToolCallCount,
+)
+from .views import ReportViews  # noqa: E402
+
+
+@admin.register(RateLimitViolation)
+class RateLimitViolationAdmin(ViewOnlyAdmin):
+    list_display = ("minute", "rule", "scope", "endpoint", "shadow", "count")
+    list_filter = ("scope", "shadow", "rule")
+    search_fields = ("rule", "endpoint")
+    date_hierarchy = "minute"
+
+
+@admin.register(ToolCallCount)
+class ToolCallCountAdmin(ViewOnlyAdmin):
+    list_display = ("minute", "tool", "status", "count")
+    list_filter = ("tool", "status")
+    search_fields = ("tool",)
+    date_hierarchy = "minute"
+
+
+@admin.register(BreakerEvent)
+class BreakerEventAdmin(ViewOnlyAdmin):
+    list_display = ("at", "kind", "hour_cost_usd", "threshold_usd", "actor", "engine")
+    list_filter = ("kind", "engine")
+    search_fields = ("actor",)
+    date_hierarchy = "at"
+
+
+@admin.register(PolicyChange)
+class PolicyChangeAdmin(ViewOnlyAdmin):
+    list_display = ("at", "actor", "action", "object_type", "object_repr", "fields_changed")
+    list_filter = ("action", "object_type", "actor")
+    search_fields = ("object_repr", "object_id", "actor")
+    date_hierarchy = "at"
+    readonly_fields = (
+        "at",
+        "actor",
+        "action",
+        "object_type",
+        "object_id",
+        "object_repr",
+        "before",
+        "after",
+    )
+
+    @admin.display(description="fields")
+    def fields_changed(self, change):
+        return ", ".join(change.changed_fields)
+
+
+@admin.register(Reports)
+class ReportsAdmin(ReportViews, ViewOnlyAdmin):
+    """The reports index and pages, under /admin/quotas/reports/ (staff only)."""
+
+    def has_module_permission(self, request):
+        return request.user.is_active and request.user.is_staff
+
+    def has_view_permission(self, request, obj=None):
+        return request.user.is_active and request.user.is_staff

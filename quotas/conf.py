@@ -20,6 +20,10 @@ QUOTAS_ALERT_RETRIES           extra delivery attempts per channel after a failu
 QUOTAS_ALERT_BACKOFF_SECONDS   first retry delay, doubled on each retry, default 2.0.
 QUOTAS_ALERT_TIMEOUT_SECONDS   webhook request timeout, default 5.0.
 QUOTAS_ALERT_QUEUE_SIZE        alerts waiting for delivery before new ones are dropped, default 100.
+QUOTAS_EVENT_RETENTION_DAYS    refusal, tool-call and breaker events older than this are
+                               deleted by ``manage.py quotas_prune``, default 90.
+QUOTAS_EVENT_FLUSH_SECONDS     how often buffered event counts are written, default 5.0;
+                               0 -> no background writer (tests call events.flush()).
 """
 
 from django.conf import settings
@@ -42,6 +46,8 @@ _DEFAULTS = {
     "ALERT_BACKOFF_SECONDS": 2.0,
     "ALERT_TIMEOUT_SECONDS": 5.0,
     "ALERT_QUEUE_SIZE": 100,
+    "EVENT_RETENTION_DAYS": 90,
+    "EVENT_FLUSH_SECONDS": 5.0,
 }
 
 

@@ -15,6 +15,7 @@ import uuid
 from .clientip import client_ip
 from .concurrency import SessionSlots
 from .conf import quota_settings
+from .events import record_violation
 from .limiter import ceil_seconds, get_limiter
 from .meter import CLOSE_PAUSED, admit_new_session
 from .metrics import rate_limit_exceeded_total
@@ -77,6 +78,9 @@ class ConnectionGuard:
         snapshot = await policy_cache.aget()
         rules = snapshot.rules_for("websocket", scope.get("path", ""))
         decision = await get_limiter().ahit(limits_for(rules, client))
+        # The rule target, not the raw path: a client must not be able to invent new rows.
+        endpoint = rules[0].target if rules else "*"
+        _record_decision(decision, "websocket", endpoint)
         if not decision.allowed:
             rate_limit_exceeded_total.labels(endpoint=rules[0].target).inc()
             retry = max(1, ceil_seconds(decision.retry_after))
@@ -91,6 +95,7 @@ class ConnectionGuard:
             )
         admission = await admit_new_session(snapshot.budget)
         if not admission.allowed:
+            record_violation(f"budget:{admission.reason}", "websocket", endpoint)
             logger.info("connection refused for %s: %s", client, admission.reason)
             return await refuse_websocket(
                 receive,
@@ -104,6 +109,7 @@ class ConnectionGuard:
         token = uuid.uuid4().hex
         slots = session_slots()
         if not await slots.acquire(client, token, maximum):
+            record_violation("budget:concurrent_sessions", "websocket", endpoint)
             logger.info("connection refused for %s: %s sessions open already", client, maximum)
             return await refuse_websocket(
                 receive,
@@ -127,6 +133,15 @@ async def check_tool_call(tool_name, client):
     snapshot = await policy_cache.aget()
     rules = snapshot.rules_for("tool", tool_name)
     decision = await get_limiter().ahit(limits_for(rules, client))
+    _record_decision(decision, "tool", f"tool:{tool_name}")
     if not decision.allowed:
         rate_limit_exceeded_total.labels(endpoint=f"tool:{tool_name}").inc()
     return decision
+
+
+def _record_decision(decision, scope, endpoint):
+    """Count the rules that refused (or would have, in shadow mode) one hit."""
+    for state in decision.refusing:
+        record_violation(state.limit.label, scope, endpoint)
+    for state in decision.shadow_over:
+        record_violation(state.limit.label, scope, endpoint, shadow=True)

@@ -8,6 +8,7 @@ from django.http import JsonResponse
 
 from .clientip import client_ip
 from .conf import quota_settings
+from .events import record_violation
 from .limiter import Limit, ceil_seconds, get_limiter
 from .metrics import rate_limit_check_duration_seconds, rate_limit_exceeded_total
 from .policies import policy_cache
@@ -101,6 +102,7 @@ class RateLimitMiddleware:
         )
         for state in decision.shadow_over:
             rate_limit_exceeded_total.labels(endpoint=endpoint).inc()
+            record_violation(state.limit.label, "http", endpoint, shadow=True)
             logger.info(
                 "shadow rule %s over its limit (%s/%ss) for %s",
                 state.limit.label,
@@ -110,6 +112,8 @@ class RateLimitMiddleware:
             )
         if not decision.allowed:
             rate_limit_exceeded_total.labels(endpoint=endpoint).inc()
+            for state in decision.refusing:
+                record_violation(state.limit.label, "http", endpoint)
             return self._refusal(decision)
         if get_response is None:
             return None

@@ -263,6 +263,126 @@ class UsageRecord(models.Model):
                 fields=["session", "response_id"], name="quotas_usage_once_per_session"
             ),
         ]
+        # Reports group a date range by model (spend by model, by token kind).
+        indexes = [
+            models.Index(fields=["created_at", "model"], name="quotas_usage_created_model_idx")
+        ]
 
     def __str__(self):
         return f"{self.kind} {self.response_id}: ${self.cost_usd}"
+
+
+# -- Events: bounded records of refusals, tool calls, breaker transitions and policy edits ------
+
+
+class RateLimitViolation(models.Model):
+    """Refused (or shadow-over) hits of one rule at one endpoint, counted per minute."""
+
+    minute = models.DateTimeField(help_text="Start of the minute (UTC) the hits fell in.")
+    rule = models.CharField(
+        max_length=64,
+        help_text="Rule name; budget:* names mark session refusals that are not rate rules.",
+    )
+    scope = models.CharField(max_length=16, choices=RateLimitRule.Scope.choices)
+    endpoint = models.CharField(max_length=200, help_text="The matched rule target.")
+    shadow = models.BooleanField(default=False, help_text="Over a shadow rule (not refused).")
+    count = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-minute", "rule"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["minute", "rule", "scope", "endpoint", "shadow"],
+                name="quotas_violation_once_per_minute",
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.rule} on {self.endpoint} at {self.minute:%Y-%m-%d %H:%M}: {self.count}"
+
+
+class ToolCallCount(models.Model):
+    """Tool calls of one tool ending in one status (ok, refused, failed...), per minute."""
+
+    minute = models.DateTimeField(help_text="Start of the minute (UTC) the calls fell in.")
+    tool = models.CharField(max_length=64)
+    status = models.CharField(max_length=32)
+    count = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-minute", "tool", "status"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["minute", "tool", "status"], name="quotas_toolcall_once_per_minute"
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.tool} {self.status} at {self.minute:%Y-%m-%d %H:%M}: {self.count}"
+
+
+class BreakerEvent(models.Model):
+    """One circuit-breaker transition, with the rolling hour's spend at that moment."""
+
+    class Kind(models.TextChoices):
+        OPENED = "opened", "opened (tripped)"
+        HALF_OPEN = "half_open", "half-open (cool-down over)"
+        CLOSED = "closed", "closed (spend back under the threshold)"
+        RESET = "reset", "reset by hand"
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    hour_cost_usd = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
+    threshold_usd = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
+    actor = models.CharField(max_length=150, default="system", help_text="Who reset it.")
+    engine = models.CharField(max_length=16, blank=True, help_text="redis or local.")
+
+    class Meta:
+        ordering = ["-at"]
+
+    def __str__(self):
+        return f"breaker {self.kind} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class PolicyChange(models.Model):
+    """One create, change or delete of a rate-limit rule, price or budget policy."""
+
+    class Action(models.TextChoices):
+        CREATED = "created", "created"
+        CHANGED = "changed", "changed"
+        DELETED = "deleted", "deleted"
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    actor = models.CharField(
+        max_length=150, help_text='Admin username, or "system" for changes outside the admin.'
+    )
+    object_type = models.CharField(max_length=64, help_text="e.g. quotas.ratelimitrule")
+    object_id = models.CharField(max_length=64)
+    object_repr = models.CharField(max_length=200)
+    action = models.CharField(max_length=16, choices=Action.choices)
+    before = models.JSONField(null=True, blank=True)
+    after = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        indexes = [
+            models.Index(fields=["object_type", "object_id"], name="quotas_policychange_obj_idx")
+        ]
+
+    def __str__(self):
+        return f"{self.object_repr} {self.action} by {self.actor}"
+
+    @property
+    def changed_fields(self):
+        """Names of the fields whose value differs between ``before`` and ``after``."""
+        before, after = self.before or {}, self.after or {}
+        return sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+
+
+class Reports(UsageRecord):
+    """The admin's entry to the spend and abuse reports (a proxy: no table of its own)."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "report"
+        verbose_name_plural = "reports"

@@ -46,6 +46,7 @@ from channels.db import database_sync_to_async
 
 from .conf import quota_settings
 from .metrics import circuit_breaker_open, hourly_cost_usd
+from .notifications import spend_notifier
 from .pricing import MICRO_PER_USD, from_micro, timestamp_to_datetime, to_micro
 from .redis_client import REDIS_ERRORS, shared_redis
 
@@ -73,6 +74,7 @@ local function settle(total_key, entries_key, breaker_key, total, now, threshold
   if redis.call('ZCARD', entries_key) == 0 then total = 0 end
   redis.call('SET', total_key, total)
   local state = redis.call('HGET', breaker_key, 'state') or 'closed'
+  local before = state
   local until_ms = tonumber(redis.call('HGET', breaker_key, 'until') or '0')
   local tripped = 0
   if state == 'open' and now >= until_ms then
@@ -89,7 +91,7 @@ local function settle(total_key, entries_key, breaker_key, total, now, threshold
     state = 'closed'
     redis.call('DEL', breaker_key)
   end
-  return total, state, tripped, until_ms
+  return total, state, tripped, until_ms, before
 end
 """
 
@@ -97,7 +99,7 @@ end
 # ARGV: now_ms, amount, member, window_ms, threshold, cooldown_ms, session_ttl, mode, hourly_cap.
 # mode: "charge" adds the amount; "read" only evaluates; "admit" also computes how long until
 # the rolling hour is back under the hourly cap.
-# Returns {session, hour, state, tripped, until_ms, added, hourly_retry_ms}.
+# Returns {session, hour, state, tripped, until_ms, added, hourly_retry_ms, state_before}.
 CHARGE_LUA = (
     _SPEND_COMMON_LUA
     + """
@@ -116,8 +118,8 @@ if mode == 'charge' and amount > 0 then
     redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
   end
 end
-local state, tripped, until_ms
-total, state, tripped, until_ms = settle(KEYS[2], KEYS[3], KEYS[4], total, now,
+local state, tripped, until_ms, before
+total, state, tripped, until_ms, before = settle(KEYS[2], KEYS[3], KEYS[4], total, now,
   tonumber(ARGV[5]), tonumber(ARGV[6]), added == 1)
 local retry = 0
 if mode == 'admit' and total >= hourly_cap then
@@ -138,7 +140,7 @@ if mode == 'admit' and total >= hourly_cap then
   end
 end
 local session = tonumber(redis.call('GET', KEYS[1]) or '0')
-return {session, total, state, tripped, until_ms, added, retry}
+return {session, total, state, tripped, until_ms, added, retry, before}
 """
 )
 
@@ -197,6 +199,7 @@ class SpendState:
     added: bool  # the charge was counted (False: replayed entry, or not a charge)
     hourly_retry_seconds: float  # admission only: until the hour is back under the cap
     engine: str  # "redis" | "local"
+    breaker_before: str = ""  # the breaker state before this evaluation (transitions)
 
     @property
     def session_usd(self):
@@ -315,6 +318,7 @@ class LocalSpend:
         """Mirror of ``CHARGE_LUA``."""
         threshold, cooldown, hourly_cap, _ = _limits(budget)
         with self._lock:
+            before = self.breaker
             self._forget_expired(now - WINDOW_SECONDS * 1000)
             added = False
             if mode == "charge" and amount > 0:
@@ -337,6 +341,7 @@ class LocalSpend:
                 added=added,
                 hourly_retry_seconds=retry / 1000.0,
                 engine=self.engine,
+                breaker_before=before,
             )
 
     def load(self, now, entries, sessions, budget):
@@ -440,8 +445,9 @@ class SpendCounters:
 
     @staticmethod
     def _state(reply):
-        session, hour, state, tripped, until_ms, added, retry = reply
+        session, hour, state, tripped, until_ms, added, retry, before = reply
         state = state.decode() if isinstance(state, bytes) else state
+        before = before.decode() if isinstance(before, bytes) else before
         return SpendState(
             session_micro=int(session),
             hour_micro=int(hour),
@@ -451,13 +457,13 @@ class SpendCounters:
             added=bool(int(added)),
             hourly_retry_seconds=int(retry) / 1000.0,
             engine="redis",
+            breaker_before=before,
         )
 
     def _use_redis(self):
         return self.link is not None and self.link.available
 
-    @staticmethod
-    def _observe(state):
+    def _observe(self, state, budget, now_ms, mode):
         hourly_cost_usd.set(state.hour_micro / MICRO_PER_USD)
         circuit_breaker_open.set(1 if state.breaker_open else 0)
         if state.tripped:
@@ -466,6 +472,10 @@ class SpendCounters:
                 state.hour_usd,
                 state.engine,
             )
+        # Transitions and thresholds are recorded and alerted without waiting for either.
+        spend_notifier.observe(
+            state, budget, now_ms / 1000.0, charged=mode == "charge" and state.added
+        )
         return state
 
     # -- the local twin -----------------------------------------------------------------------
@@ -496,9 +506,10 @@ class SpendCounters:
             else:
                 self._local_seeded = False
                 self.link.mark_up()
-                return self._observe(self._state(reply))
+                return self._observe(self._state(reply), budget, now, mode)
         self._seed_local(budget)
-        return self._observe(self._local(now, session_id, amount_micro, member, budget, mode))
+        state = self._local(now, session_id, amount_micro, member, budget, mode)
+        return self._observe(state, budget, now, mode)
 
     async def aevaluate(
         self, session_id, amount_micro, budget, *, member=None, at=None, mode="charge"
@@ -516,10 +527,11 @@ class SpendCounters:
             else:
                 self._local_seeded = False
                 self.link.mark_up()
-                return self._observe(self._state(reply))
+                return self._observe(self._state(reply), budget, now, mode)
         if self.ledger and not self._local_seeded:
             await database_sync_to_async(self._seed_local)(budget)
-        return self._observe(self._local(now, session_id, amount_micro, member, budget, mode))
+        state = self._local(now, session_id, amount_micro, member, budget, mode)
+        return self._observe(state, budget, now, mode)
 
     def charge(self, session_id, amount_micro, budget, *, member=None, at=None):
         """Add ``amount_micro`` to the session and the rolling hour (sync)."""
@@ -576,8 +588,25 @@ class SpendCounters:
             budget = policy_cache.get().budget
         return self.read(budget).breaker
 
-    def reset_breaker(self):
-        """Close the breaker everywhere (admin action); returns True when Redis was reset too."""
+    def reset_breaker(self, actor="system", budget=None):
+        """Close the breaker everywhere (admin action); returns True when Redis was reset too.
+
+        The reset is recorded as a ``BreakerEvent`` by ``actor`` and announced by alert.
+        """
+        shared = self._reset_breaker()
+        try:
+            if budget is None:
+                from .policies import policy_cache
+
+                budget = policy_cache.get().budget
+            state = self.read(budget)
+        except Exception:  # the reset itself is done; its record must not undo it
+            logger.exception("could not read the spend after a breaker reset")
+            state = None
+        spend_notifier.manual_reset(actor, state, budget, self.timer())
+        return shared
+
+    def _reset_breaker(self):
         self.local.reset_breaker()
         circuit_breaker_open.set(0)
         if self.link is None:

@@ -7,3 +7,5 @@ from ducke.settings import *  # noqa: F403
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # Separate this run's Redis keys from a running server's and from other test runs.
 QUOTAS_KEY_PREFIX = f"quotas-test-{os.getpid()}"
+# No background writer for quota events: tests flush them (quotas.events.flush()) themselves.
+QUOTAS_EVENT_FLUSH_SECONDS = 0

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from quotas.events import record_tool_call
 from quotas.guards import check_tool_call
 from quotas.limiter import ceil_seconds
 
@@ -78,6 +79,7 @@ async def run_tool(name, arguments, *, client):
     outcome, reason = await _run(name, arguments, client)
     elapsed_ms = (time.perf_counter() - started) * 1000.0
     shown = name if isinstance(name, str) and name in TOOLS else "(unknown)"
+    record_tool_call(shown, outcome.status)
     if reason:
         logger.info("tool %s: %s (%s) in %.0f ms", shown, outcome.status, reason, elapsed_ms)
     else:
