@@ -194,6 +194,7 @@ QUOTAS_ENABLED = _read("QUOTAS_ENABLED", _bool, True)
 QUOTAS_FAIL_MODE = env.str("QUOTAS_FAIL_MODE", default="local").strip().lower()
 QUOTAS_TRUSTED_PROXIES = env.str("QUOTAS_TRUSTED_PROXIES", default="")
 QUOTAS_REDIS_URL = REDIS_URL
+QUOTAS_EVENT_RETENTION_DAYS = _read("QUOTAS_EVENT_RETENTION_DAYS", _int, 90)
 
 # Realtime upstream.
 OPENAI_API_KEY = env.str("OPENAI_API_KEY", default="").strip()

@@ -8,6 +8,7 @@ import redis
 from asgiref.sync import sync_to_async
 from django.db import connections
 
+from quotas import events as events_module
 from quotas import limiter as limiter_module
 from quotas import spend as spend_module
 from quotas.policies import policy_cache
@@ -34,6 +35,7 @@ def reset_process_state():
     limiter_module._limiter = None
     spend_module._counters.clear()
     shared_redis_links.clear()
+    events_module.discard()
 
 
 @pytest.fixture
