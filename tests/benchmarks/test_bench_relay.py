@@ -1,0 +1,153 @@
+"""Added latency, CPU and frame integrity of the /session relay, under daphne and uvicorn.
+
+Run with ``make bench`` (or ``PYTEST_ARGS='-k relay' make bench``). Three kinds of process on
+loopback: the Realtime simulator (daphne, pace 1.0, events stamped with ``x_seq`` and a
+CLOCK_MONOTONIC send time), one relay per ASGI server (``DUCKE_REALTIME_URL`` at the
+simulator, policies raised so nothing is refused or cut off) and this process's clients.
+At each step N, N sessions go through the relay and N identical ones straight to the
+simulator, all at once, streaming real-time pcm16 audio (20-100 ms chunks) and receiving the
+spoken answers. Added latency per audio delta = relayed minus direct (p50, p99). The relay's
+CPU comes from /proc over the steady phase. A step meets the target when the added p99 is at
+most 10 ms with no frame dropped, reordered, or later than one 100 ms chunk.
+``RELAY_BENCH_STEPS=10,25`` and ``RELAY_BENCH_SECONDS=10`` change the ramp.
+"""
+
+import asyncio
+import os
+
+import pytest
+
+from tests.fixtures.relay_load import run_step, simulator_url, start_app_server
+
+pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(900)]
+
+STEPS = tuple(int(n) for n in os.environ.get("RELAY_BENCH_STEPS", "10,25,50,100,150").split(","))
+STEADY_SECONDS = float(os.environ.get("RELAY_BENCH_SECONDS", "10"))
+SERVERS = ("daphne", "uvicorn")
+TARGET_SESSIONS = 100
+TARGET_ADDED_P99_MS = 10.0
+# Past this the relay is plainly overloaded: larger steps would only take longer to fail.
+HOPELESS_ADDED_P99_MS = 100.0
+
+
+def meets_target(row):
+    return (
+        row["added_p99"] <= TARGET_ADDED_P99_MS
+        and row["late"] == 0
+        and row["dropped"] == 0
+        and row["reordered"] == 0
+    )
+
+
+def check_correctness(server, step):
+    """Every session answered, in order, complete: the facts a benchmark must not hide."""
+    for session in step.sessions:
+        where = f"{server} N={step.pairs} {session.mode} #{session.index}"
+        assert not session.errors, f"{where}: {session.errors[:3]}"
+        assert session.responses_done >= 1, f"{where}: no answer"
+        assert session.responses_done == session.responses_created, f"{where}: unfinished"
+        assert session.responses_not_completed == 0, f"{where}: answer not completed"
+        assert session.audio_mismatches == 0, f"{where}: answer audio missing"
+        assert (session.dropped, session.reordered) == (0, 0), f"{where}: frames lost/reordered"
+
+
+def print_table(server, rows):
+    print(f"\n{server} relay -> simulator (daphne), {STEADY_SECONDS:g} s steady phase per step")
+    print(
+        f"  {'N':>4} {'deltas':>6} | {'direct p50/p99 ms':>17} | {'relayed p50/p99 ms':>18} | "
+        f"{'added p50/p99 ms':>16} | {'relay CPU %':>11} {'%/session':>9} | "
+        f"{'sim CPU %':>9} {'client CPU %':>12} {'client lag p99':>14} | "
+        f"{'dropped':>7} {'reordered':>9} {'late':>4}"
+    )
+    for r in rows:
+        print(
+            f"  {r['pairs']:>4} {r['deltas']:>6} | "
+            f"{r['direct_p50']:>8.2f}/{r['direct_p99']:<8.2f} | "
+            f"{r['relayed_p50']:>8.2f}/{r['relayed_p99']:<9.2f} | "
+            f"{r['added_p50']:>7.2f}/{r['added_p99']:<8.2f} | "
+            f"{r['cpu_relay']:>11.1f} {r['cpu_relay_per_session']:>9.2f} | "
+            f"{r['cpu_simulator']:>9.1f} {r['cpu_clients']:>12.1f} {r['loop_lag_p99']:>11.1f} ms | "
+            f"{r['dropped']:>7} {r['reordered']:>9} {r['late']:>4}"
+        )
+
+
+def verdict(server, rows):
+    sustained = [r["pairs"] for r in rows if meets_target(r)]
+    best = max(sustained, default=0)
+    at_target = next((r for r in rows if r["pairs"] == TARGET_SESSIONS), None)
+    met = at_target is not None and meets_target(at_target)
+    per_session = min(r["cpu_relay_per_session"] for r in rows if r["pairs"] >= 25)
+    return (
+        f"{server}: most sessions at real-time pace within target = {best}; "
+        f"target {TARGET_SESSIONS} sessions, p99 added <= {TARGET_ADDED_P99_MS:g} ms, "
+        f"0 dropped/reordered: {'MET' if met else 'NOT MET'}; "
+        f"relay CPU {per_session:.2f} % of a core per session "
+        f"({per_session / 100:.4f} CPU-s per session-second of audio) "
+        f"=> one core ~ {100 / per_session:.0f} sessions"
+    )
+
+
+def test_relay_added_latency_cpu_and_frames(tmp_path):
+    load_before = os.getloadavg()[0]
+    simulator = start_app_server(
+        tmp_path / "simulator",
+        "daphne",
+        DUCKE_SIMULATOR_STAMP="1",
+        DUCKE_SIMULATOR_PACE="1.0",
+        DUCKE_SIMULATOR_ENABLED="1",
+    )
+    relays = {}
+    try:
+        for server in SERVERS:
+            relays[server] = start_app_server(
+                tmp_path / server,
+                server,
+                DUCKE_REALTIME_URL=simulator_url(simulator),
+                DUCKE_SIMULATOR_ENABLED="0",
+            )
+        rows = {server: [] for server in SERVERS}
+        running = set(SERVERS)
+        for pairs in STEPS:
+            if pairs > TARGET_SESSIONS and not all(
+                rows[s] and meets_target(rows[s][-1]) for s in running
+            ):
+                break  # beyond the target only when the target itself was met
+            # Interleaved per step: both servers see the same machine load over the run.
+            for server in sorted(running):
+                relay = relays[server]
+                step = asyncio.run(
+                    run_step(
+                        simulator_url(simulator),
+                        f"{relay.ws_url}/session",
+                        relay.url,
+                        pairs,
+                        steady_seconds=STEADY_SECONDS,
+                        pids={"relay": relay.pid, "simulator": simulator.pid},
+                    )
+                )
+                check_correctness(server, step)
+                row = step.summary()
+                rows[server].append(row)
+                if row["added_p99"] > HOPELESS_ADDED_P99_MS:
+                    running.discard(server)
+            if not running:
+                break
+    finally:
+        for relay in relays.values():
+            relay.stop()
+        simulator.stop()
+    print(
+        f"\nRelay benchmark: {os.cpu_count()} cores, load average before the run "
+        f"{load_before:.2f}; N = relayed sessions (plus N direct ones at once)"
+    )
+    for server in SERVERS:
+        print_table(server, rows[server])
+    print()
+    for server in SERVERS:
+        print(verdict(server, rows[server]))
+    daphne, uvicorn = (
+        {r["pairs"]: r["cpu_relay_per_session"] for r in rows[s]} for s in ("daphne", "uvicorn")
+    )
+    common = sorted(set(daphne) & set(uvicorn))
+    ratios = ", ".join(f"N={n}: {uvicorn[n] / daphne[n]:.2f}" for n in common)
+    print(f"relay CPU per session, uvicorn/daphne: {ratios}")
