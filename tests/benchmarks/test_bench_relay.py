@@ -4,9 +4,11 @@ Run with ``make bench`` (or ``PYTEST_ARGS='-k relay' make bench``). Three kinds 
 loopback: the Realtime simulator (daphne, pace 1.0, events stamped with ``x_seq`` and a
 CLOCK_MONOTONIC send time), one relay per ASGI server (``DUCKE_REALTIME_URL`` at the
 simulator, policies raised so nothing is refused or cut off) and this process's clients.
-At each step N, N sessions go through the relay and N identical ones straight to the
-simulator, all at once, streaming real-time pcm16 audio (20-100 ms chunks) and receiving the
-spoken answers. Added latency per audio delta = relayed minus direct (p50, p99). The relay's
+At each step N, N sessions go through the relay and, at the same time, up to 20 identical
+ones straight to the simulator (the reference: more would only load the simulator), all
+streaming real-time pcm16 audio (20-100 ms chunks) and receiving the spoken answers. Added
+latency per audio delta = relayed minus direct (p50, p99); "answer" is end of speech to the
+first answer delta (both directions, 500 ms of VAD silence included). The relay's
 CPU comes from /proc over the steady phase. A step meets the target when the added p99 is at
 most 10 ms with no frame dropped, reordered, or later than one 100 ms chunk.
 ``RELAY_BENCH_STEPS=10,25`` and ``RELAY_BENCH_SECONDS=10`` change the ramp.
@@ -36,39 +38,50 @@ def meets_target(row):
         and row["late"] == 0
         and row["dropped"] == 0
         and row["reordered"] == 0
+        and row["problems"] == 0
     )
 
 
-def check_correctness(server, step):
+def correctness_problems(server, step):
     """Every session answered, in order, complete: the facts a benchmark must not hide."""
+    problems = []
     for session in step.sessions:
         where = f"{server} N={step.pairs} {session.mode} #{session.index}"
-        assert not session.errors, f"{where}: {session.errors[:3]}"
-        assert session.responses_done >= 1, f"{where}: no answer"
-        assert session.responses_done == session.responses_created, f"{where}: unfinished"
-        assert session.responses_not_completed == 0, f"{where}: answer not completed"
-        assert session.audio_mismatches == 0, f"{where}: answer audio missing"
-        assert (session.dropped, session.reordered) == (0, 0), f"{where}: frames lost/reordered"
+        if session.errors:
+            problems.append(f"{where}: {session.errors[:3]}")
+        if session.responses_done < 1:
+            problems.append(f"{where}: no answer")
+        if session.responses_done != session.responses_created:
+            problems.append(f"{where}: unfinished answer")
+        if session.responses_not_completed:
+            problems.append(f"{where}: answer not completed")
+        if session.audio_mismatches:
+            problems.append(f"{where}: answer audio missing")
+        if session.dropped or session.reordered:
+            problems.append(f"{where}: {session.dropped} dropped, {session.reordered} reordered")
+    return problems
 
 
 def print_table(server, rows):
     print(f"\n{server} relay -> simulator (daphne), {STEADY_SECONDS:g} s steady phase per step")
     print(
-        f"  {'N':>4} {'deltas':>6} | {'direct p50/p99 ms':>17} | {'relayed p50/p99 ms':>18} | "
-        f"{'added p50/p99 ms':>16} | {'relay CPU %':>11} {'%/session':>9} | "
-        f"{'sim CPU %':>9} {'client CPU %':>12} {'client lag p99':>14} | "
+        f"  {'N':>4} {'ref':>3} {'deltas':>6} | {'direct p50/p99':>15} | {'relayed p50/p99':>15} | "
+        f"{'added p50/p99':>15} | {'answer added p50/p99':>20} | {'relay CPU%':>10} "
+        f"{'%/session':>9} | {'sim CPU%':>8} {'client CPU%':>11} {'lag p99':>7} | "
         f"{'dropped':>7} {'reordered':>9} {'late':>4}"
     )
     for r in rows:
         print(
-            f"  {r['pairs']:>4} {r['deltas']:>6} | "
-            f"{r['direct_p50']:>8.2f}/{r['direct_p99']:<8.2f} | "
-            f"{r['relayed_p50']:>8.2f}/{r['relayed_p99']:<9.2f} | "
-            f"{r['added_p50']:>7.2f}/{r['added_p99']:<8.2f} | "
-            f"{r['cpu_relay']:>11.1f} {r['cpu_relay_per_session']:>9.2f} | "
-            f"{r['cpu_simulator']:>9.1f} {r['cpu_clients']:>12.1f} {r['loop_lag_p99']:>11.1f} ms | "
+            f"  {r['pairs']:>4} {r['direct_sessions']:>3} {r['deltas']:>6} | "
+            f"{r['direct_p50']:>7.2f}/{r['direct_p99']:<7.2f} | "
+            f"{r['relayed_p50']:>7.2f}/{r['relayed_p99']:<7.2f} | "
+            f"{r['added_p50']:>7.2f}/{r['added_p99']:<7.2f} | "
+            f"{r['answer_added_p50']:>9.1f}/{r['answer_added_p99']:<10.1f} | "
+            f"{r['cpu_relay']:>10.1f} {r['cpu_relay_per_session']:>9.2f} | "
+            f"{r['cpu_simulator']:>8.1f} {r['cpu_clients']:>11.1f} {r['loop_lag_p99']:>7.1f} | "
             f"{r['dropped']:>7} {r['reordered']:>9} {r['late']:>4}"
         )
+    print("  (latencies in ms; ref = direct reference sessions; CPU in % of one core)")
 
 
 def verdict(server, rows):
@@ -76,7 +89,11 @@ def verdict(server, rows):
     best = max(sustained, default=0)
     at_target = next((r for r in rows if r["pairs"] == TARGET_SESSIONS), None)
     met = at_target is not None and meets_target(at_target)
-    per_session = min(r["cpu_relay_per_session"] for r in rows if r["pairs"] >= 25)
+    # Small steps carry fixed costs (pings, timers): judge per-session CPU at scale.
+    per_session = min(
+        (r["cpu_relay_per_session"] for r in rows if r["pairs"] >= 25),
+        default=rows[-1]["cpu_relay_per_session"] if rows else float("nan"),
+    )
     return (
         f"{server}: most sessions at real-time pace within target = {best}; "
         f"target {TARGET_SESSIONS} sessions, p99 added <= {TARGET_ADDED_P99_MS:g} ms, "
@@ -97,6 +114,8 @@ def test_relay_added_latency_cpu_and_frames(tmp_path):
         DUCKE_SIMULATOR_ENABLED="1",
     )
     relays = {}
+    problems = []
+    rows = {server: [] for server in SERVERS}
     try:
         for server in SERVERS:
             relays[server] = start_app_server(
@@ -105,7 +124,6 @@ def test_relay_added_latency_cpu_and_frames(tmp_path):
                 DUCKE_REALTIME_URL=simulator_url(simulator),
                 DUCKE_SIMULATOR_ENABLED="0",
             )
-        rows = {server: [] for server in SERVERS}
         running = set(SERVERS)
         for pairs in STEPS:
             if pairs > TARGET_SESSIONS and not all(
@@ -125,10 +143,12 @@ def test_relay_added_latency_cpu_and_frames(tmp_path):
                         pids={"relay": relay.pid, "simulator": simulator.pid},
                     )
                 )
-                check_correctness(server, step)
+                step_problems = correctness_problems(server, step)
+                problems += step_problems
                 row = step.summary()
+                row["problems"] = len(step_problems)
                 rows[server].append(row)
-                if row["added_p99"] > HOPELESS_ADDED_P99_MS:
+                if row["added_p99"] > HOPELESS_ADDED_P99_MS or step_problems:
                     running.discard(server)
             if not running:
                 break
@@ -151,3 +171,4 @@ def test_relay_added_latency_cpu_and_frames(tmp_path):
     common = sorted(set(daphne) & set(uvicorn))
     ratios = ", ".join(f"N={n}: {uvicorn[n] / daphne[n]:.2f}" for n in common)
     print(f"relay CPU per session, uvicorn/daphne: {ratios}")
+    assert not problems, "\n".join(problems[:20])
