@@ -68,7 +68,7 @@ def print_table(server, rows):
         f"  {'N':>4} {'ref':>3} {'deltas':>6} | {'direct p50/p99':>15} | {'relayed p50/p99':>15} | "
         f"{'added p50/p99':>15} | {'answer added p50/p99':>20} | {'relay CPU%':>10} "
         f"{'%/session':>9} | {'sim CPU%':>8} {'client CPU%':>11} {'lag p99':>7} | "
-        f"{'dropped':>7} {'reordered':>9} {'late':>4}"
+        f"{'dropped':>7} {'reordered':>9} {'late':>4} | {'booking p50/p99':>15}"
     )
     for r in rows:
         print(
@@ -79,9 +79,13 @@ def print_table(server, rows):
             f"{r['answer_added_p50']:>9.1f}/{r['answer_added_p99']:<10.1f} | "
             f"{r['cpu_relay']:>10.1f} {r['cpu_relay_per_session']:>9.2f} | "
             f"{r['cpu_simulator']:>8.1f} {r['cpu_clients']:>11.1f} {r['loop_lag_p99']:>7.1f} | "
-            f"{r['dropped']:>7} {r['reordered']:>9} {r['late']:>4}"
+            f"{r['dropped']:>7} {r['reordered']:>9} {r['late']:>4} | "
+            f"{r['booking_p50']:>7.1f}/{r['booking_p99']:<7.1f}"
         )
-    print("  (latencies in ms; ref = direct reference sessions; CPU in % of one core)")
+    print(
+        "  (ms; ref = direct reference sessions; CPU in % of one core; late = relayed deltas "
+        "over direct p50 + 100 ms; booking = response.done to the relay's quota.status)"
+    )
 
 
 def verdict(server, rows):
@@ -158,7 +162,7 @@ def test_relay_added_latency_cpu_and_frames(tmp_path):
         simulator.stop()
     print(
         f"\nRelay benchmark: {os.cpu_count()} cores, load average before the run "
-        f"{load_before:.2f}; N = relayed sessions (plus N direct ones at once)"
+        f"{load_before:.2f}; N = relayed sessions, ref = direct ones at the same time"
     )
     for server in SERVERS:
         print_table(server, rows[server])
