@@ -61,6 +61,7 @@ def stamped_app(settings):
     return websocket_application()
 
 
+@pytest.mark.django_db(transaction=True)  # Channels closes stale connections per message
 async def test_consumer_stamps_when_the_setting_is_on(stamped_app):
     communicator = WebsocketCommunicator(stamped_app, "/simulator/v1/realtime?model=gpt-realtime")
     connected, _ = await communicator.connect()
