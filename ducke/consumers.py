@@ -18,6 +18,7 @@ The quotas app guards the connection before this consumer runs
 import asyncio
 import json
 import logging
+import re
 import time
 
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -47,6 +48,16 @@ CUTOFF_MESSAGES = {
 }
 
 
+# What browsers (JSON.stringify) and Python (json.dumps) send for an audio chunk. A frame of
+# exactly this shape whose audio is base64 needs no parsing: ``sanitize`` would return it as is.
+_AUDIO_APPEND_PREFIXES = (
+    '{"type":"input_audio_buffer.append","audio":"',
+    '{"type": "input_audio_buffer.append", "audio": "',
+)
+_AUDIO_APPEND_UPSTREAM = '{"type": "input_audio_buffer.append", "audio": "%s"}'
+_BASE64_CHARS = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
 def _setting(name, default):
     return getattr(settings, name, default)
 
@@ -54,6 +65,17 @@ def _setting(name, default):
 def error_event(code, message, error_type="invalid_request_error"):
     """An ``error`` server event in the Realtime shape, safe to show the browser."""
     return {"type": "error", "error": {"type": error_type, "code": code, "message": message}}
+
+
+def plain_audio_append(text):
+    """The audio of a bare, valid ``input_audio_buffer.append`` frame read unparsed, else None."""
+    for prefix in _AUDIO_APPEND_PREFIXES:
+        if text.startswith(prefix) and text.endswith('"}'):
+            audio = text[len(prefix) : -2]
+            if audio and not len(audio) % 4 and _BASE64_CHARS.fullmatch(audio):
+                return audio
+            return None
+    return None
 
 
 def audio_bytes(base64_text):
@@ -171,6 +193,16 @@ class SessionConsumer(AsyncWebsocketConsumer):
 
     # Browser -> upstream
 
+    async def dispatch(self, message):
+        # Audio frames arrive 10-50 times a second per session. Channels hops to the database
+        # thread before every message to close stale connections, queueing each frame behind
+        # ledger writes; receive() uses no database (the meter's database_sync_to_async calls
+        # close stale connections themselves), so frames skip that hop.
+        if message["type"] == "websocket.receive":
+            await self.websocket_receive(message)
+        else:
+            await super().dispatch(message)
+
     async def receive(self, text_data=None, bytes_data=None):
         self.last_activity = time.monotonic()
         if bytes_data is not None:
@@ -182,6 +214,15 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 error_event("frame_too_large", "That message is too large."),
                 end_reason="error",
             )
+            return
+        audio = plain_audio_append(text_data)
+        if audio is not None:
+            # The common frame, checked without a JSON round trip; forwarded byte for byte as
+            # json.dumps would have written the sanitized event.
+            if self.upstream is None or self.closing:
+                return
+            self.meter.note_input_audio(audio_bytes(audio))
+            await self._send_upstream(_AUDIO_APPEND_UPSTREAM % audio)
             return
         try:
             event = client_events.sanitize(json.loads(text_data))
@@ -197,8 +238,11 @@ class SessionConsumer(AsyncWebsocketConsumer):
             self.meter.note_input_audio(audio_bytes(event["audio"]))
         elif event["type"] == "conversation.item.create":
             self.meter.note_input_text(sum(len(part["text"]) for part in event["item"]["content"]))
+        await self._send_upstream(json.dumps(event))
+
+    async def _send_upstream(self, text):
         try:
-            await self.upstream.send(json.dumps(event))
+            await self.upstream.send(text)
         except Exception as exc:
             logger.warning("upstream send failed: %s", exc.__class__.__name__)
             await self._end_for_upstream("The voice service connection was lost.")

@@ -216,6 +216,8 @@ LOGGING = {
 # The local Realtime simulator is the upstream when there is no OpenAI key (and no URL override).
 DUCKE_SIMULATOR_ENABLED = _read("DUCKE_SIMULATOR_ENABLED", _bool, not OPENAI_API_KEY)
 DUCKE_SIMULATOR_PACE = _read("DUCKE_SIMULATOR_PACE", _float, 1.0)
+# Benchmarks only: stamp each simulator event with its send order and monotonic send time.
+DUCKE_SIMULATOR_STAMP = _read("DUCKE_SIMULATOR_STAMP", _bool, False)
 
 # Relay limits.
 DUCKE_MAX_FRAME_BYTES = _read("DUCKE_MAX_FRAME_BYTES", _int, 256 * 1024)

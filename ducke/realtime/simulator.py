@@ -18,6 +18,8 @@ What it does, and how it fakes what it cannot do:
 - `response.done` usage is billed like the real service: the whole conversation is input on
   every response, the part billed before counts as cached; audio is 10 tokens/s from the user
   and 20 tokens/s from the assistant; text is chars/4.
+- `stamp=True` (benchmarks only) adds `x_seq` (send order) and `x_sent_ns`
+  (`time.monotonic_ns()` at send) to every server event.
 - Faults for failure tests: `close_after_created`, `close_mid_response` (here) and `reject`
   (the transport refuses the handshake). Sessions end after `max_session_seconds` (60 min).
 """
@@ -326,6 +328,7 @@ class RealtimeSimulator:
         disconnect: Disconnect | None = None,
         max_session_seconds: float = SESSION_MAX_SECONDS,
         clock: Callable[[], float] = time.time,
+        stamp: bool = False,
     ):
         if fault not in FAULTS:
             raise ValueError(f"unknown simulator fault {fault!r}")
@@ -337,6 +340,8 @@ class RealtimeSimulator:
         self.fault = fault
         self.max_session_seconds = max_session_seconds
         self.clock = clock
+        self.stamp = stamp
+        self._sent_count = 0
         self.session_id = new_id("sess")
         self.conversation_id = new_id("conv")
         self.session = self._initial_session()
@@ -444,6 +449,12 @@ class RealtimeSimulator:
         if self.closed:
             return
         event = {"event_id": new_id("event"), **event}
+        if self.stamp:
+            # Benchmark only: send order and a system-wide monotonic send time, so a client
+            # can check frame order and loss and time each event across processes.
+            event["x_seq"] = self._sent_count
+            event["x_sent_ns"] = time.monotonic_ns()
+            self._sent_count += 1
         try:
             await self._send(event)
         except Exception as exc:  # the transport closed under us

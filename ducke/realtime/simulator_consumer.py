@@ -1,7 +1,8 @@
 """The Realtime simulator served by channels at `/simulator/v1/realtime?model=...[&fault=...]`.
 
 Pace (real-time factor of streamed audio) comes from the `DUCKE_SIMULATOR_PACE` setting,
-default 1.0. Every connection records into the module-level `recorder`.
+default 1.0; `DUCKE_SIMULATOR_STAMP` (default off) stamps every server event for benchmarks.
+Every connection records into the module-level `recorder`.
 """
 
 from urllib.parse import parse_qs
@@ -35,6 +36,7 @@ class SimulatorConsumer(AsyncJsonWebsocketConsumer):
             pace=float(getattr(settings, "DUCKE_SIMULATOR_PACE", 1.0)),
             fault=fault,
             disconnect=self.close_with,
+            stamp=bool(getattr(settings, "DUCKE_SIMULATOR_STAMP", False)),
         )
         await self.simulator.start()
 
