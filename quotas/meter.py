@@ -298,15 +298,29 @@ class SessionMeter:
         4 characters per token; the next response bills it as input."""
         self._pending_text_tokens += Decimal(nchars) / TEXT_CHARS_PER_TOKEN
 
-    def _start_projection(self, response_id):
+    def _projected_input(self):
         rates = self._rates
         pending_tokens = self._pending_input_bytes * _INPUT_TOKENS_PER_BYTE
         audio_tokens = self._context_audio_tokens + pending_tokens
         text_tokens = self._context_text_tokens + self._pending_text_tokens
         # Cache discounts are ignored: the estimate may only err on the high side.
-        self._response_input = (
-            audio_tokens * rates.audio_input + text_tokens * rates.text_input
-        ) / PER_TOKENS
+        return (audio_tokens * rates.audio_input + text_tokens * rates.text_input) / PER_TOKENS
+
+    def admits_response(self):
+        """Whether a new response fits the session budget: spend so far, plus the projected
+        input it re-bills (the whole conversation), plus about one second of output audio.
+
+        The relay asks before every ``response.create`` it sends or forwards: upstream bills
+        a response's input as soon as it starts, so only refusing to start it keeps spend
+        within the cap when the conversation alone would pass it."""
+        if self._rates is None:
+            return True
+        horizon = PROJECTION_HORIZON_SECONDS * OUTPUT_AUDIO_TOKENS_PER_SECOND
+        ahead = self._projected_input() + horizon * self._rates.audio_output / PER_TOKENS
+        return self._cost + ahead < self.budget.session_cap_usd
+
+    def _start_projection(self, response_id):
+        self._response_input = self._projected_input()
         self._response_id = response_id
         self._response_out_bytes = 0
 

@@ -344,3 +344,20 @@ def test_money_format():
 @pytest.mark.django_db
 def test_no_missing_migrations():
     call_command("makemigrations", "quotas", "--check", "--dry-run", verbosity=0)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_admits_response_only_when_its_input_and_a_second_of_audio_fit(make_meter):
+    budget = BudgetSpec(session_cap_usd=Decimal("0.05"))
+    meter = await make_meter(budget)
+    assert meter.admits_response()  # nothing spent, nothing pending
+    # Turn 1 booked: $0.011 spent; the conversation (70 tokens) is next turn's input.
+    meter.note_input_audio(3 * 48_000)
+    booked = await meter.charge_response(done("r1", audio_usage(30, 40)))
+    assert booked.session_cost == Decimal("0.011")
+    # Next input: 70 + 20 tokens x $100/1M = $0.009; plus 1 s of output $0.004: $0.024 < $0.05.
+    meter.note_input_audio(2 * 48_000)
+    assert meter.admits_response()
+    # 8,000 characters of typed text (2,000 tokens, $0.2) would pass the cap before any audio.
+    meter.note_input_text(8_000)
+    assert not meter.admits_response()
