@@ -215,6 +215,9 @@ LOGGING = {
 # The local Realtime simulator is the upstream when there is no OpenAI key (and no URL override).
 DUCKE_SIMULATOR_ENABLED = _read("DUCKE_SIMULATOR_ENABLED", _bool, not OPENAI_API_KEY)
 DUCKE_SIMULATOR_PACE = _read("DUCKE_SIMULATOR_PACE", _float, 1.0)
+# Tests across processes: append every client event and response.done the simulator sees to
+# this JSON-lines file. Empty (the default): no log.
+DUCKE_SIMULATOR_LOG = env.str("DUCKE_SIMULATOR_LOG", default="").strip()
 
 # Relay limits.
 DUCKE_MAX_FRAME_BYTES = _read("DUCKE_MAX_FRAME_BYTES", _int, 256 * 1024)
