@@ -18,7 +18,9 @@ The quotas app guards the connection before this consumer runs
 import asyncio
 import json
 import logging
+import sys
 import time
+import weakref
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -61,19 +63,79 @@ def audio_bytes(base64_text):
     return len(base64_text) * 3 // 4 if isinstance(base64_text, str) else 0
 
 
+# Sessions of this process, and the tasks ending them for a server shutdown.
+_live_sessions = weakref.WeakSet()
+_shutdown_tasks = set()
+_shutdown_hook = []
+
+
+async def _sessions_ended():
+    """Wait until every session ending for a shutdown has booked its usage and closed."""
+    while _shutdown_tasks:
+        await asyncio.shield(asyncio.wait(set(_shutdown_tasks)))
+
+
+async def end_all_sessions():
+    """End every session of this process for a server shutdown (usage booked, ledger closed)."""
+    sessions = list(_live_sessions)
+    if sessions:
+        logger.info("server shutdown: ending %d sessions", len(sessions))
+    for session in sessions:
+        session._begin_shutdown()
+    await _sessions_ended()
+
+
+def _install_shutdown_hook():
+    """Under daphne, end every session before the reactor shuts down.
+
+    daphne's own shutdown step (``kill_all_applications``) cancels applications, but it
+    fails with a KeyError as soon as one connection has no application instance left (an
+    HTTP keep-alive connection whose response is done): then no session would be cancelled
+    and the event loop would stop under them. A "before shutdown" trigger of our own is
+    waited for by Twisted whatever happens to daphne's.
+    """
+    if _shutdown_hook:
+        return
+    reactor = sys.modules.get("twisted.internet.reactor")
+    if reactor is None or not getattr(reactor, "running", False):
+        return
+    from twisted.internet import defer
+
+    def before_shutdown():
+        return defer.Deferred.fromFuture(asyncio.ensure_future(end_all_sessions()))
+
+    _shutdown_hook.append(reactor.addSystemEventTrigger("before", "shutdown", before_shutdown))
+
+
 class SessionConsumer(AsyncWebsocketConsumer):
     """Relays one browser voice session to the Realtime upstream and meters it."""
+
+    _shutdown_task = None
 
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
         except asyncio.CancelledError:
-            # daphne cancels every application on SIGTERM and waits for it: end the session
-            # properly (book what upstream completes) before letting the cancellation through.
-            await asyncio.shield(self._end_for_shutdown())
+            # A server that cancels its applications to stop (daphne on SIGTERM) resumes its
+            # shutdown as soon as the FIRST of them finishes (``asyncio.gather`` in daphne's
+            # ``kill_all_applications``): end this session properly (book what upstream
+            # completes), and wait for every other session's ending too.
+            self._begin_shutdown()
+            await _sessions_ended()
             raise
+        finally:
+            _live_sessions.discard(self)
+
+    def _begin_shutdown(self):
+        """Start ending this session for a server shutdown (once); returns the task."""
+        if self._shutdown_task is None:
+            self._shutdown_task = asyncio.ensure_future(self._end_for_shutdown())
+            _shutdown_tasks.add(self._shutdown_task)
+            self._shutdown_task.add_done_callback(_shutdown_tasks.discard)
+        return self._shutdown_task
 
     async def connect(self):
+        _install_shutdown_hook()
         quotas = self.scope.get("quotas") or {}
         self.client = quotas.get("client") or scope_client_ip(self.scope)
         self.slot = quotas.get("slot")
@@ -93,6 +155,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.tools_running = 0
         self.pending_tool_outputs = []
         self.unbooked = []
+        _live_sessions.add(self)
         await self.accept()
         self.meter = SessionMeter(self.client, self.model, self.policy.budget)
         try:
