@@ -43,6 +43,7 @@ CLOSE_SERVICE_RESTART = 1012
 SLOT_REFRESH_SECONDS = 30
 DRAIN_SECONDS = 10
 BOOKING_RETRY_SECONDS = 1.0
+CHANNEL_LAYER_RETRY_SECONDS = 0.5
 CUTOFF_MESSAGES = {
     "budget": ("This session has used up its budget.", CLOSE_BUDGET),
     "breaker": ("DUCK-E is paused because spending rose unusually fast.", CLOSE_PAUSED),
@@ -125,6 +126,38 @@ class SessionConsumer(AsyncWebsocketConsumer):
             raise
         finally:
             _live_sessions.discard(self)
+
+    # The channel layer (Redis in production) only carries the breaker broadcast. Channels
+    # awaits ``channel_receive`` next to the browser's messages and would end the session on
+    # the first Redis error; the relay keeps going instead and listens again once Redis is
+    # back (re-joining the breaker group, which a restarted Redis has forgotten).
+
+    @property
+    def channel_receive(self):
+        return self._receive_from_layer
+
+    @channel_receive.setter
+    def channel_receive(self, receive):
+        self._layer_receive = receive
+
+    async def _receive_from_layer(self):
+        delay = CHANNEL_LAYER_RETRY_SECONDS
+        failed = False
+        while True:
+            try:
+                if failed:
+                    await self.channel_layer.group_add(BREAKER_GROUP, self.channel_name)
+                    logger.info("channel layer available again")
+                    failed = False
+                return await self._layer_receive()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not failed:
+                    logger.warning("channel layer unavailable: %s", exc.__class__.__name__)
+                failed = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _begin_shutdown(self):
         """Start ending this session for a server shutdown (once); returns the task."""
