@@ -5,6 +5,8 @@ import json
 import pytest
 from channels.testing import WebsocketCommunicator
 
+pytestmark = pytest.mark.django_db(transaction=True)
+
 PATH = "/simulator/v1/realtime?model=gpt-realtime"
 USER_TEXT = {
     "type": "message",
