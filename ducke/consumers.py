@@ -16,6 +16,7 @@ The quotas app guards the connection before this consumer runs
 """
 
 import asyncio
+import functools
 import json
 import logging
 import sys
@@ -40,6 +41,7 @@ CLOSE_NORMAL = 1000
 CLOSE_FRAME_TOO_LARGE = 1009
 CLOSE_UPSTREAM_FAILURE = 1011
 CLOSE_SERVICE_RESTART = 1012
+CLOSE_TRY_AGAIN_LATER = 1013
 SLOT_REFRESH_SECONDS = 30
 DRAIN_SECONDS = 10
 BOOKING_RETRY_SECONDS = 1.0
@@ -52,6 +54,21 @@ CUTOFF_MESSAGES = {
 
 def _setting(name, default):
     return getattr(settings, name, default)
+
+
+def send_backlog(send):
+    """Bytes the server holds for the browser that its socket has not taken yet.
+
+    ASGI gives no backpressure: daphne writes every message into Twisted's transport, which
+    buffers whatever a client does not read. Under daphne, ``send`` is
+    ``partial(server.handle_reply, protocol)``; elsewhere this returns 0 (unknown).
+    """
+    protocol = send.args[0] if isinstance(send, functools.partial) and send.args else None
+    transport = getattr(protocol, "transport", None)
+    try:
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    except (AttributeError, TypeError):
+        return 0
 
 
 def error_event(code, message, error_type="invalid_request_error"):
@@ -188,6 +205,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.tools_running = 0
         self.pending_tool_outputs = []
         self.unbooked = []
+        self.max_backlog = int(_setting("DUCKE_MAX_SEND_BACKLOG_BYTES", 4 * 1024 * 1024))
         _live_sessions.add(self)
         await self.accept()
         self.meter = SessionMeter(self.client, self.model, self.policy.budget)
@@ -311,7 +329,10 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 except ValueError:
                     continue
                 if not self.closing:
-                    await self.send(text_data=raw)
+                    if send_backlog(self.base_send) > self.max_backlog:
+                        await self._end_for_slow_client()
+                    else:
+                        await self.send(text_data=raw)
                 await self._on_upstream_event(event)
         except asyncio.CancelledError:
             raise
@@ -320,6 +341,19 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.response_idle.set()
         if not self.closing:
             await self._end_for_upstream("The voice service ended the session unexpectedly.")
+
+    async def _end_for_slow_client(self):
+        """The browser does not read what it asked for: end the session (usage is still
+        drained and booked) instead of buffering its audio without bound."""
+        logger.warning(
+            "closing a session whose browser does not read (%d bytes waiting)",
+            send_backlog(self.base_send),
+        )
+        await self.close_with(
+            CLOSE_TRY_AGAIN_LATER,
+            error_event("client_too_slow", "The connection is too slow for live audio.", "session"),
+            end_reason="error",
+        )
 
     async def _on_upstream_event(self, event):
         kind = event.get("type")

@@ -227,6 +227,8 @@ DUCKE_SIMULATOR_LOG = env.str("DUCKE_SIMULATOR_LOG", default="").strip()
 # Relay limits.
 DUCKE_MAX_FRAME_BYTES = _read("DUCKE_MAX_FRAME_BYTES", _int, 256 * 1024)
 DUCKE_IDLE_TIMEOUT_SECONDS = _read("DUCKE_IDLE_TIMEOUT_SECONDS", _float, 300.0)
+# A browser that leaves this much of the relayed stream unread is disconnected (1013).
+DUCKE_MAX_SEND_BACKLOG_BYTES = _read("DUCKE_MAX_SEND_BACKLOG_BYTES", _int, 4 * 1024 * 1024)
 DUCKE_UPSTREAM_CONNECT_TIMEOUT_SECONDS = _read(
     "DUCKE_UPSTREAM_CONNECT_TIMEOUT_SECONDS", _float, 10.0
 )

@@ -195,8 +195,11 @@ def instance_env(database_url, redis_url, simulator, **extra):
     return env
 
 
-def start_cluster(base_dir, database, redis_url, *, instances=2, instance_db_url=None, pace=1.0):
-    """Start the simulator (real-time ``pace``) and ``instances`` product servers in parallel."""
+def start_cluster(
+    base_dir, database, redis_url, *, instances=2, instance_db_url=None, pace=1.0, env=None
+):
+    """Start the simulator (real-time ``pace``) and ``instances`` product servers in parallel;
+    ``env`` adds variables to the product servers' environment."""
     base_dir = Path(base_dir)
     log = base_dir / "simulator.jsonl"
     simulator = start_daphne_server(
@@ -210,7 +213,7 @@ def start_cluster(base_dir, database, redis_url, *, instances=2, instance_db_url
         migrate=False,
     )
     cluster = Cluster(simulator=simulator, instances=[], simulator_log=log, servers=[simulator])
-    env = instance_env(instance_db_url or database.url, redis_url, simulator)
+    env = instance_env(instance_db_url or database.url, redis_url, simulator, **(env or {}))
     try:
         with ThreadPoolExecutor(instances) as pool:
             futures = [
