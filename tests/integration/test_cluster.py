@@ -3,6 +3,7 @@
 import asyncio
 import re
 import time
+from decimal import Decimal
 
 import httpx
 import pytest
@@ -150,3 +151,49 @@ def test_policy_saved_on_one_instance_is_enforced_by_the_other_within_a_second(
     finally:
         admin.close()
         it_database.set_rule("page", limit=30)
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="known: the cut-off response's input (the whole conversation, re-billed) is charged "
+    "even when cancelled at its first audio; the relay does not stop before a turn it cannot "
+    "afford, so the overshoot is about one turn's input, not one second of audio",
+)
+async def test_session_cap_overshoot_stays_within_a_second_of_audio(cluster, it_database):
+    a, _ = cluster.instances
+    cap = Decimal("0.20")
+    it_database.set_budget(session_cap_usd=str(cap))
+    await asyncio.sleep(1.0)
+    session = await Session.open(a)
+    turns = 0
+    while session.close_code is None and turns < 20:
+        await session.turn()
+        turns += 1
+    code = await session.wait_closed(20)
+    ((cost,),) = it_database.rows(
+        "SELECT cost_usd FROM quotas_quotasession WHERE client = %s", (session.client_ip,)
+    )
+    (audio_output,) = it_database.rows(
+        "SELECT audio_output FROM quotas_modelprice WHERE model = 'gpt-realtime' "
+        "ORDER BY effective_from DESC LIMIT 1"
+    )[0]
+    # One second of output audio: 20 tokens at the audio output price per 1M tokens.
+    bound = audio_output * 20 / Decimal(1_000_000)
+    overshoot = cost - cap
+    last = it_database.rows(
+        "SELECT r.cost_usd, r.text_input, r.cached_text_input, r.audio_input, "
+        "r.cached_audio_input, r.text_output, r.audio_output FROM quotas_usagerecord r "
+        "JOIN quotas_quotasession s ON s.id = r.session_id WHERE s.client = %s "
+        "ORDER BY r.created_at DESC LIMIT 1",
+        (session.client_ip,),
+    )[0]
+    print(
+        f"\nlast response: cost, text in, cached text in, audio in, cached audio in, "
+        f"text out, audio out = {last}"
+    )
+    print(
+        f"\nsession cap ${cap}: closed {code} after {turns} questions at ${cost}, "
+        f"overshoot ${overshoot} vs bound ${bound} (1 s of output audio)"
+    )
+    assert code == 4402
+    assert overshoot <= bound
