@@ -23,6 +23,7 @@ import sys
 import time
 import weakref
 
+import redis.exceptions
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
@@ -147,7 +148,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
     # The channel layer (Redis in production) only carries the breaker broadcast. Channels
     # awaits ``channel_receive`` next to the browser's messages and would end the session on
     # the first Redis error; the relay keeps going instead and listens again once Redis is
-    # back (re-joining the breaker group, which a restarted Redis has forgotten).
+    # back (re-joining the breaker group, which a restarted Redis has forgotten). A read
+    # timeout is no outage: redis-py 8 reads with a 5 s socket timeout by default and
+    # channels-redis blocks 5 s in BZPOPMIN, so a quiet channel regularly times out.
 
     @property
     def channel_receive(self):
@@ -169,6 +172,8 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 return await self._layer_receive()
             except asyncio.CancelledError:
                 raise
+            except redis.exceptions.TimeoutError:
+                continue  # nothing arrived in time: listen again
             except Exception as exc:
                 if not failed:
                     logger.warning("channel layer unavailable: %s", exc.__class__.__name__)

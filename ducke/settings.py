@@ -164,12 +164,7 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            # redis-py 8 reads with a 5 s socket timeout by default, which ends every
-            # consumer's 5 s BZPOPMIN wait on the channel layer with a TimeoutError (the
-            # session dies after 5 quiet seconds): give blocking reads more time than that.
-            "CONFIG": {
-                "hosts": [{"address": REDIS_URL, "socket_timeout": 10, "socket_connect_timeout": 2}]
-            },
+            "CONFIG": {"hosts": [REDIS_URL]},
         }
     }
 else:

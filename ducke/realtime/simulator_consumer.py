@@ -64,6 +64,9 @@ class SimulatorConsumer(AsyncJsonWebsocketConsumer):
     """One simulated Realtime session per WebSocket connection."""
 
     simulator: RealtimeSimulator | None = None
+    # No channel layer: the simulator receives no group messages, and a Redis layer's idle
+    # 5 s reads (see ducke.consumers) would only risk ending the upstream session.
+    channel_layer_alias = "ducke-simulator-none"
 
     async def connect(self):
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
