@@ -16,11 +16,15 @@ The quotas app guards the connection before this consumer runs
 """
 
 import asyncio
+import functools
 import json
 import logging
 import re
+import sys
 import time
+import weakref
 
+import redis.exceptions
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
@@ -39,9 +43,11 @@ CLOSE_NORMAL = 1000
 CLOSE_FRAME_TOO_LARGE = 1009
 CLOSE_UPSTREAM_FAILURE = 1011
 CLOSE_SERVICE_RESTART = 1012
+CLOSE_TRY_AGAIN_LATER = 1013
 SLOT_REFRESH_SECONDS = 30
 DRAIN_SECONDS = 10
 BOOKING_RETRY_SECONDS = 1.0
+CHANNEL_LAYER_RETRY_SECONDS = 0.5
 CUTOFF_MESSAGES = {
     "budget": ("This session has used up its budget.", CLOSE_BUDGET),
     "breaker": ("DUCK-E is paused because spending rose unusually fast.", CLOSE_PAUSED),
@@ -60,6 +66,21 @@ _BASE64_CHARS = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 def _setting(name, default):
     return getattr(settings, name, default)
+
+
+def send_backlog(send):
+    """Bytes the server holds for the browser that its socket has not taken yet.
+
+    ASGI gives no backpressure: daphne writes every message into Twisted's transport, which
+    buffers whatever a client does not read. Under daphne, ``send`` is
+    ``partial(server.handle_reply, protocol)``; elsewhere this returns 0 (unknown).
+    """
+    protocol = send.args[0] if isinstance(send, functools.partial) and send.args else None
+    transport = getattr(protocol, "transport", None)
+    try:
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    except (AttributeError, TypeError):
+        return 0
 
 
 def error_event(code, message, error_type="invalid_request_error"):
@@ -83,19 +104,115 @@ def audio_bytes(base64_text):
     return len(base64_text) * 3 // 4 if isinstance(base64_text, str) else 0
 
 
+# Sessions of this process, and the tasks ending them for a server shutdown.
+_live_sessions = weakref.WeakSet()
+_shutdown_tasks = set()
+_shutdown_hook = []
+
+
+async def _sessions_ended():
+    """Wait until every session ending for a shutdown has booked its usage and closed."""
+    while _shutdown_tasks:
+        await asyncio.shield(asyncio.wait(set(_shutdown_tasks)))
+
+
+async def end_all_sessions():
+    """End every session of this process for a server shutdown (usage booked, ledger closed)."""
+    sessions = list(_live_sessions)
+    if sessions:
+        logger.info("server shutdown: ending %d sessions", len(sessions))
+    for session in sessions:
+        session._begin_shutdown()
+    await _sessions_ended()
+
+
+def _install_shutdown_hook():
+    """Under daphne, end every session before the reactor shuts down.
+
+    daphne's own shutdown step (``kill_all_applications``) cancels applications, but it
+    fails with a KeyError as soon as one connection has no application instance left (an
+    HTTP keep-alive connection whose response is done): then no session would be cancelled
+    and the event loop would stop under them. A "before shutdown" trigger of our own is
+    waited for by Twisted whatever happens to daphne's.
+    """
+    if _shutdown_hook:
+        return
+    reactor = sys.modules.get("twisted.internet.reactor")
+    if reactor is None or not getattr(reactor, "running", False):
+        return
+    from twisted.internet import defer
+
+    def before_shutdown():
+        return defer.Deferred.fromFuture(asyncio.ensure_future(end_all_sessions()))
+
+    _shutdown_hook.append(reactor.addSystemEventTrigger("before", "shutdown", before_shutdown))
+
+
 class SessionConsumer(AsyncWebsocketConsumer):
     """Relays one browser voice session to the Realtime upstream and meters it."""
+
+    _shutdown_task = None
 
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
         except asyncio.CancelledError:
-            # daphne cancels every application on SIGTERM and waits for it: end the session
-            # properly (book what upstream completes) before letting the cancellation through.
-            await asyncio.shield(self._end_for_shutdown())
+            # A server that cancels its applications to stop (daphne on SIGTERM) resumes its
+            # shutdown as soon as the FIRST of them finishes (``asyncio.gather`` in daphne's
+            # ``kill_all_applications``): end this session properly (book what upstream
+            # completes), and wait for every other session's ending too.
+            self._begin_shutdown()
+            await _sessions_ended()
             raise
+        finally:
+            _live_sessions.discard(self)
+
+    # The channel layer (Redis in production) only carries the breaker broadcast. Channels
+    # awaits ``channel_receive`` next to the browser's messages and would end the session on
+    # the first Redis error; the relay keeps going instead and listens again once Redis is
+    # back (re-joining the breaker group, which a restarted Redis has forgotten). A read
+    # timeout is no outage: redis-py 8 reads with a 5 s socket timeout by default and
+    # channels-redis blocks 5 s in BZPOPMIN, so a quiet channel regularly times out.
+
+    @property
+    def channel_receive(self):
+        return self._receive_from_layer
+
+    @channel_receive.setter
+    def channel_receive(self, receive):
+        self._layer_receive = receive
+
+    async def _receive_from_layer(self):
+        delay = CHANNEL_LAYER_RETRY_SECONDS
+        failed = False
+        while True:
+            try:
+                if failed:
+                    await self.channel_layer.group_add(BREAKER_GROUP, self.channel_name)
+                    logger.info("channel layer available again")
+                    failed = False
+                return await self._layer_receive()
+            except asyncio.CancelledError:
+                raise
+            except redis.exceptions.TimeoutError:
+                continue  # nothing arrived in time: listen again
+            except Exception as exc:
+                if not failed:
+                    logger.warning("channel layer unavailable: %s", exc.__class__.__name__)
+                failed = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _begin_shutdown(self):
+        """Start ending this session for a server shutdown (once); returns the task."""
+        if self._shutdown_task is None:
+            self._shutdown_task = asyncio.ensure_future(self._end_for_shutdown())
+            _shutdown_tasks.add(self._shutdown_task)
+            self._shutdown_task.add_done_callback(_shutdown_tasks.discard)
+        return self._shutdown_task
 
     async def connect(self):
+        _install_shutdown_hook()
         quotas = self.scope.get("quotas") or {}
         self.client = quotas.get("client") or scope_client_ip(self.scope)
         self.slot = quotas.get("slot")
@@ -115,6 +232,8 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.tools_running = 0
         self.pending_tool_outputs = []
         self.unbooked = []
+        self.max_backlog = int(_setting("DUCKE_MAX_SEND_BACKLOG_BYTES", 4 * 1024 * 1024))
+        _live_sessions.add(self)
         await self.accept()
         self.meter = SessionMeter(self.client, self.model, self.policy.budget)
         try:
@@ -259,7 +378,10 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 except ValueError:
                     continue
                 if not self.closing:
-                    await self.send(text_data=raw)
+                    if send_backlog(self.base_send) > self.max_backlog:
+                        await self._end_for_slow_client()
+                    else:
+                        await self.send(text_data=raw)
                 await self._on_upstream_event(event)
         except asyncio.CancelledError:
             raise
@@ -268,6 +390,19 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.response_idle.set()
         if not self.closing:
             await self._end_for_upstream("The voice service ended the session unexpectedly.")
+
+    async def _end_for_slow_client(self):
+        """The browser does not read what it asked for: end the session (usage is still
+        drained and booked) instead of buffering its audio without bound."""
+        logger.warning(
+            "closing a session whose browser does not read (%d bytes waiting)",
+            send_backlog(self.base_send),
+        )
+        await self.close_with(
+            CLOSE_TRY_AGAIN_LATER,
+            error_event("client_too_slow", "The connection is too slow for live audio.", "session"),
+            end_reason="error",
+        )
 
     async def _on_upstream_event(self, event):
         kind = event.get("type")

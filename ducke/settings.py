@@ -218,10 +218,15 @@ DUCKE_SIMULATOR_ENABLED = _read("DUCKE_SIMULATOR_ENABLED", _bool, not OPENAI_API
 DUCKE_SIMULATOR_PACE = _read("DUCKE_SIMULATOR_PACE", _float, 1.0)
 # Benchmarks only: stamp each simulator event with its send order and monotonic send time.
 DUCKE_SIMULATOR_STAMP = _read("DUCKE_SIMULATOR_STAMP", _bool, False)
+# Tests across processes: append every client event and response.done the simulator sees to
+# this JSON-lines file. Empty (the default): no log.
+DUCKE_SIMULATOR_LOG = env.str("DUCKE_SIMULATOR_LOG", default="").strip()
 
 # Relay limits.
 DUCKE_MAX_FRAME_BYTES = _read("DUCKE_MAX_FRAME_BYTES", _int, 256 * 1024)
 DUCKE_IDLE_TIMEOUT_SECONDS = _read("DUCKE_IDLE_TIMEOUT_SECONDS", _float, 300.0)
+# A browser that leaves this much of the relayed stream unread is disconnected (1013).
+DUCKE_MAX_SEND_BACKLOG_BYTES = _read("DUCKE_MAX_SEND_BACKLOG_BYTES", _int, 4 * 1024 * 1024)
 DUCKE_UPSTREAM_CONNECT_TIMEOUT_SECONDS = _read(
     "DUCKE_UPSTREAM_CONNECT_TIMEOUT_SECONDS", _float, 10.0
 )

@@ -2,9 +2,13 @@
 
 Pace (real-time factor of streamed audio) comes from the `DUCKE_SIMULATOR_PACE` setting,
 default 1.0; `DUCKE_SIMULATOR_STAMP` (default off) stamps every server event for benchmarks.
-Every connection records into the module-level `recorder`.
+Every connection records into the module-level `recorder`; with `DUCKE_SIMULATOR_LOG` set,
+the recorder also appends what it sees to that JSON-lines file, so a test in another process
+can check what reached upstream and count the responses.
 """
 
+import json
+import threading
 from urllib.parse import parse_qs
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -12,14 +16,58 @@ from django.conf import settings
 
 from ducke.realtime.simulator import FAULTS, RealtimeSimulator, SimulatorRecorder
 
+
+class LoggedRecorder(SimulatorRecorder):
+    """A recorder that also appends one JSON line per client event and per response.done.
+
+    Lines: ``{"connection", "client_event": <type>}`` and ``{"connection", "response_done":
+    <response id>, "status"}``. The file comes from ``DUCKE_SIMULATOR_LOG`` at each write, so
+    the log stays off unless that setting names a file.
+    """
+
+    def __init__(self, **kwargs):
+        self._log_lock = threading.Lock()
+        self._log_files = {}
+        super().__init__(**kwargs)
+
+    def _log(self, line):
+        path = getattr(settings, "DUCKE_SIMULATOR_LOG", "")
+        if not path:
+            return
+        text = json.dumps(line, default=repr) + "\n"
+        with self._log_lock:
+            handle = self._log_files.get(path)
+            if handle is None:
+                handle = self._log_files[path] = open(path, "a", encoding="utf-8")
+            handle.write(text)
+            handle.flush()
+
+    def record_client_event(self, connection_id, event, audio_bytes=0):
+        super().record_client_event(connection_id, event, audio_bytes)
+        self._log({"connection": connection_id, "client_event": event.get("type")})
+
+    def record_response_done(self, connection_id, response):
+        super().record_response_done(connection_id, response)
+        self._log(
+            {
+                "connection": connection_id,
+                "response_done": response.get("id"),
+                "status": response.get("status"),
+            }
+        )
+
+
 # Bounded, without audio payloads: a long-running dev server must not grow without limit.
-recorder = SimulatorRecorder(keep_audio=False, max_events=10_000)
+recorder = LoggedRecorder(keep_audio=False, max_events=10_000)
 
 
 class SimulatorConsumer(AsyncJsonWebsocketConsumer):
     """One simulated Realtime session per WebSocket connection."""
 
     simulator: RealtimeSimulator | None = None
+    # No channel layer: the simulator receives no group messages, and a Redis layer's idle
+    # 5 s reads (see ducke.consumers) would only risk ending the upstream session.
+    channel_layer_alias = "ducke-simulator-none"
 
     async def connect(self):
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))

@@ -88,7 +88,7 @@ def print_table():
         )
 
 
-def test_bench_charge_decisions(redis_url, redis_prefix):
+def test_bench_charge_decisions(redis_url, redis_prefix, bench_report):
     link = SharedRedis(redis_url)
     client = link.client
     client.ping()
@@ -137,6 +137,13 @@ def test_bench_charge_decisions(redis_url, redis_prefix):
     local_row = _row(
         "charge decision, in process", _timed(local_charge, LOCAL_DECISIONS), None, floor
     )
+    bench_report(
+        "charge decision, Redis Lua (p50 x PING)",
+        redis_row["per_second"],
+        unit="/s",
+        ratio=redis_row["ratio"],
+    )
+    bench_report("charge decision, in process", local_row["per_second"], unit="/s")
     # Sanity, not a timed assertion: the decisions did happen.
     assert counters.read(BUDGET).hour_micro >= 1_234 * DECISIONS
     assert local.read(BUDGET).hour_micro == 1_234 * LOCAL_DECISIONS
@@ -164,7 +171,7 @@ def _insert_floor(count):
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("engine", ["in-process counters", "Redis counters"])
 @pytest.mark.parametrize("conn", ["CONN_MAX_AGE=0", "CONN_MAX_AGE=600"])
-def test_bench_ledger_bookings(engine, conn, request, no_redis):
+def test_bench_ledger_bookings(engine, conn, request, no_redis, bench_report):
     """``database_sync_to_async`` closes connections older than CONN_MAX_AGE after each call:
     with 0 (the project default) every booking opens a new database connection."""
     spend_module._counters.clear()
@@ -233,8 +240,15 @@ def test_bench_ledger_bookings(engine, conn, request, no_redis):
         (one, one_elapsed), (many, many_elapsed) = asyncio.run(run_both())
     finally:
         db_settings["CONN_MAX_AGE"] = saved_age
-    _row(f"charge_response ({label})", one, one_elapsed, floor)
-    _row(f"charge_response, 20 sessions ({label})", many, many_elapsed, floor)
+    one_row = _row(f"charge_response ({label})", one, one_elapsed, floor)
+    many_row = _row(f"charge_response, 20 sessions ({label})", many, many_elapsed, floor)
+    bench_report(
+        f"ledger booking ({label}, p50 x commit floor)",
+        one_row["per_second"],
+        unit="/s",
+        ratio=one_row["ratio"],
+    )
+    bench_report(f"ledger booking, 20 sessions ({label})", many_row["per_second"], unit="/s")
     assert UsageRecord.objects.count() == 2 * bookings
     if vendor == "sqlite":
         print(

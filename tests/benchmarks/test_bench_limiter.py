@@ -118,7 +118,7 @@ def our_limits(i):
     return [Limit(f"{name}:ip:{ip}", limit, 60) for name, limit in RULES]
 
 
-def test_redis_decision_cost(bench_redis, settings):
+def test_redis_decision_cost(bench_redis, settings, bench_report):
     """This limiter's one-EVALSHA decision against limits, django-ratelimit and a PING."""
     from django_ratelimit.core import is_ratelimited
     from limits import RateLimitItemPerMinute
@@ -180,23 +180,27 @@ def test_redis_decision_cost(bench_redis, settings):
     )
     ping = figures["Redis PING (floor, redis-py client.ping)"][0]
     this = figures["quotas RedisWindows (1 EVALSHA)"][0]
+    ratios = [
+        ("this / PING", this / ping, "<= 1.5"),
+        ("this / PING on a dedicated connection", this / figures[RAW][0], "(info)"),
+        ("limits MovingWindow / this", figures[MOVING][0] / this, ">= 2.5"),
+        ("limits SlidingWindowCounter / this", figures[SLIDING][0] / this, ">= 2.5"),
+        ("django-ratelimit / this", figures[DJRL][0] / this, ">= 5"),
+    ]
     print_table(
         f"Rate-limit decision, three rules, Redis at {REDIS_URL} "
         f"({ROUNDS * PER_ROUND} decisions each, {CLIENTS} clients)",
         figures,
-        [
-            ("this / PING", this / ping, "<= 1.5"),
-            ("this / PING on a dedicated connection", this / figures[RAW][0], "(info)"),
-            ("limits MovingWindow / this", figures[MOVING][0] / this, ">= 2.5"),
-            ("limits SlidingWindowCounter / this", figures[SLIDING][0] / this, ">= 2.5"),
-            ("django-ratelimit / this", figures[DJRL][0] / this, ">= 5"),
-        ],
+        ratios,
     )
+    bench_report("limit decision, 3 rules, Redis (median)", this, unit="µs")
+    for label, value, target in ratios:
+        bench_report(f"limit decision: {label}", value, ratio=value, target=target)
     ping_client.close()
     raw_ping.close()
 
 
-def test_in_process_decision_cost():
+def test_in_process_decision_cost(bench_report):
     """LocalWindows against limits' MemoryStorage moving window, three rules."""
     from limits import RateLimitItemPerMinute
     from limits.storage import MemoryStorage
@@ -229,3 +233,4 @@ def test_in_process_decision_cost():
             ),
         ],
     )
+    bench_report("limit decision, 3 rules, in process (median)", this, unit="µs", target="<= 15")

@@ -138,7 +138,7 @@ async def drive(url, seconds):
     return done, elapsed
 
 
-def test_status_throughput_quotas_on_vs_off(tmp_path, redis_server):
+def test_status_throughput_quotas_on_vs_off(tmp_path, redis_server, bench_report):
     database = tmp_path / "bench.sqlite3"
     env = base_environment(database)
     subprocess.run([sys.executable, "-c", PREPARE], cwd=ROOT, env=env, check=True, timeout=120)
@@ -185,4 +185,18 @@ def test_status_throughput_quotas_on_vs_off(tmp_path, redis_server):
         print(
             f"  {label + ' on/off':<26} {medians[on] / medians[off]:>13.3f} "
             f"{cpu_us[off] / cpu_us[on]:>18.3f}   (throughput ratios; target >= 0.9)"
+        )
+        bench_report(
+            f"GET /status req/s, {label}, quotas on (on/off)",
+            medians[on],
+            unit="req/s",
+            ratio=medians[on] / medians[off],
+            target=">= 0.9",
+        )
+        bench_report(
+            f"GET /status CPU, {label} (off/on per request)",
+            cpu_us[on],
+            unit="µs/req",
+            ratio=cpu_us[off] / cpu_us[on],
+            target=">= 0.9",
         )

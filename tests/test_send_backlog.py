@@ -1,0 +1,25 @@
+"""``send_backlog``: what daphne's transport still holds for a browser (0 when unknown)."""
+
+import functools
+from types import SimpleNamespace
+
+from ducke.consumers import send_backlog
+
+
+async def handle_reply(protocol, message):
+    """Stands for daphne's ``Server.handle_reply``."""
+
+
+def test_counts_the_unwritten_bytes_of_the_transport():
+    transport = SimpleNamespace(dataBuffer=b"x" * 1000, offset=400, _tempDataLen=250)
+    send = functools.partial(handle_reply, SimpleNamespace(transport=transport))
+    assert send_backlog(send) == 600 + 250
+
+
+def test_unknown_servers_report_nothing():
+    async def plain_send(message):
+        pass
+
+    assert send_backlog(plain_send) == 0
+    assert send_backlog(functools.partial(handle_reply, object())) == 0
+    assert send_backlog(functools.partial(handle_reply, SimpleNamespace(transport=None))) == 0
