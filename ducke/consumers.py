@@ -48,6 +48,7 @@ SLOT_REFRESH_SECONDS = 30
 DRAIN_SECONDS = 10
 BOOKING_RETRY_SECONDS = 1.0
 CHANNEL_LAYER_RETRY_SECONDS = 0.5
+_RESPONSE_CREATE = json.dumps({"type": "response.create"})
 CUTOFF_MESSAGES = {
     "budget": ("This session has used up its budget.", CLOSE_BUDGET),
     "breaker": ("DUCK-E is paused because spending rose unusually fast.", CLOSE_PAUSED),
@@ -357,7 +358,28 @@ class SessionConsumer(AsyncWebsocketConsumer):
             self.meter.note_input_audio(audio_bytes(event["audio"]))
         elif event["type"] == "conversation.item.create":
             self.meter.note_input_text(sum(len(part["text"]) for part in event["item"]["content"]))
+        elif event["type"] == "response.create":
+            await self._create_response()
+            return
         await self._send_upstream(json.dumps(event))
+
+    async def _create_response(self):
+        """Ask upstream for a response, unless its input alone would pass the session cap.
+
+        Every response, spoken or typed or after a tool, starts here: upstream bills the
+        whole conversation as input the moment a response starts, so the budget is checked
+        before, not after (``SessionMeter.admits_response``)."""
+        if self.upstream is None or self.closing or self.cutoff:
+            return
+        if not self.meter.admits_response():
+            logger.info("not starting a response: the session budget would be passed")
+            await self.close_with(
+                CLOSE_BUDGET,
+                exceeded_event("budget", CUTOFF_MESSAGES["budget"][0], 0),
+                "budget",
+            )
+            return
+        await self._send_upstream(_RESPONSE_CREATE)
 
     async def _send_upstream(self, text):
         try:
@@ -431,6 +453,10 @@ class SessionConsumer(AsyncWebsocketConsumer):
         elif kind == "response.function_call_arguments.done":
             self.tools_running += 1
             self._spawn(self._run_tool(event))
+        elif kind == "input_audio_buffer.committed":
+            # Server VAD ended a spoken turn; upstream does not answer by itself
+            # (create_response is off), so the answer passes the budget check too.
+            await self._create_response()
 
     async def _cut_off(self, reason, response_id):
         """Cancel the running response before it overspends; the session ends after booking."""
@@ -531,8 +557,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
             return
         outputs, self.pending_tool_outputs = self.pending_tool_outputs, []
         for item in outputs:
-            await self.upstream.send(json.dumps(item))
-        await self.upstream.send(json.dumps({"type": "response.create"}))
+            self.meter.note_input_text(len(item["item"]["output"]))
+            await self._send_upstream(json.dumps(item))
+        await self._create_response()
 
     # Time: duration cap and warnings, idle timeout, slot refresh
 

@@ -125,15 +125,46 @@ async def test_small_cap_cuts_off_in_flight_and_closes_4402(relay_app, simulator
     assert simulator.recorder.cancelled == 1
 
 
-async def test_spent_budget_closes_4402_after_the_response(relay_app):
-    await set_budget(session_cap_usd=Decimal("0.000001"))
+async def test_a_response_that_cannot_fit_is_never_started(relay_app, simulator):
+    # The conversation alone (instructions, tools, question) costs more than this cap: the
+    # relay refuses to start the answer, because upstream would bill its input at once.
+    await set_budget(session_cap_usd=Decimal("0.001"))
     browser = await open_session(relay_app)
     await ask(browser)
     events = await browser.receive_until("websocket.close", timeout=15)
     assert events[-1]["code"] == 4402
-    reasons = [e["reason"] for e in events if e["type"] == "quota.warning"]
-    assert reasons == ["budget_50", "budget_80", "budget_95"]
     assert [e["reason"] for e in events if e["type"] == "quota.exceeded"] == ["budget"]
+    assert not [e for e in events if e["type"] == "response.created"]
+    sent = [r.event["type"] for r in simulator.recorder.client_events]
+    assert "response.create" not in sent
+    sessions, records = await wait_for_ledger_close()
+    assert sessions[0].end_reason == "budget" and records == []
+
+
+async def test_spoken_turns_are_answered_only_within_budget(relay_app, simulator):
+    from ducke.realtime.synth import silence_pcm, speech_like_pcm
+    from tests.fixtures.relay import pcm_event
+
+    await load_list_prices()
+    await set_budget(session_cap_usd=Decimal("0.02"))
+    browser = await open_session(relay_app)
+    turns = 0
+    while True:
+        pcm = speech_like_pcm(1.2, seed=turns) + silence_pcm(0.8)
+        for start in range(0, len(pcm), 4800):
+            await browser.send_event(pcm_event(pcm[start : start + 4800]))
+        events = await browser.receive_until("quota.status", timeout=15)
+        if events[-1]["type"] == "websocket.close":
+            break
+        while not any(e["type"] == "response.done" for e in events):
+            events += await browser.receive_until("quota.status", timeout=15)
+        turns += 1
+        assert turns < 20, "the budget never ran out"
+    sessions, records = await wait_for_ledger_close()
+    one_second_of_audio = Decimal(20) * await audio_output_price() / Decimal(1_000_000)
+    assert sessions[0].end_reason == "budget"
+    assert sessions[0].cost_usd <= Decimal("0.02") + one_second_of_audio
+    assert len([r for r in records if r.kind == "response"]) == turns
 
 
 async def test_duration_cap_closes_at_the_cap_with_4408(relay_app):

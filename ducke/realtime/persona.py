@@ -49,7 +49,8 @@ def session_update(*, model, accept_language, tools, voice=DEFAULT_VOICE):
                         "threshold": 0.5,
                         "prefix_padding_ms": 300,
                         "silence_duration_ms": 500,
-                        "create_response": True,
+                        # The relay starts each answer itself, after a budget check.
+                        "create_response": False,
                         "interrupt_response": True,
                     },
                 },
