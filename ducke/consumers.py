@@ -230,6 +230,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.response_idle = asyncio.Event()
         self.response_idle.set()
         self.cutoff = None
+        self.create_waiting = False
         self.tools_running = 0
         self.pending_tool_outputs = []
         self.unbooked = []
@@ -370,6 +371,13 @@ class SessionConsumer(AsyncWebsocketConsumer):
         whole conversation as input the moment a response starts, so the budget is checked
         before, not after (``SessionMeter.admits_response``)."""
         if self.upstream is None or self.closing or self.cutoff:
+            return
+        if not self.response_idle.is_set():
+            # A response is running, or its usage is still being booked: decide once the
+            # ledger has it, or the check would use a stale spend.
+            if not self.create_waiting:
+                self.create_waiting = True
+                self._spawn(self._create_response_when_idle())
             return
         if not self.meter.admits_response():
             logger.info("not starting a response: the session budget would be passed")
@@ -518,6 +526,11 @@ class SessionConsumer(AsyncWebsocketConsumer):
             )
 
     # Tools
+
+    async def _create_response_when_idle(self):
+        await self.response_idle.wait()
+        self.create_waiting = False
+        await self._create_response()
 
     async def _run_tool(self, event):
         call_id = str(event.get("call_id"))

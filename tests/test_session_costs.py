@@ -145,8 +145,9 @@ async def test_spoken_turns_are_answered_only_within_budget(relay_app, simulator
     from ducke.realtime.synth import silence_pcm, speech_like_pcm
     from tests.fixtures.relay import pcm_event
 
+    simulator.pace = 0.5  # answers stream at twice real time; the cancel still wins the race
     await load_list_prices()
-    await set_budget(session_cap_usd=Decimal("0.02"))
+    await set_budget(session_cap_usd=Decimal("0.012"))
     browser = await open_session(relay_app)
     turns = 0
     while True:
@@ -163,7 +164,7 @@ async def test_spoken_turns_are_answered_only_within_budget(relay_app, simulator
     sessions, records = await wait_for_ledger_close()
     one_second_of_audio = Decimal(20) * await audio_output_price() / Decimal(1_000_000)
     assert sessions[0].end_reason == "budget"
-    assert sessions[0].cost_usd <= Decimal("0.02") + one_second_of_audio
+    assert sessions[0].cost_usd <= Decimal("0.012") + one_second_of_audio
     assert len([r for r in records if r.kind == "response"]) == turns
 
 
@@ -228,3 +229,23 @@ async def test_hourly_cap_refuses_new_sessions_only(relay_app):
     more = await running.receive_until("response.done", timeout=15)
     assert more[-1]["type"] == "response.done"
     await running.disconnect()
+
+
+async def test_next_question_right_after_an_answer_waits_for_its_booking(relay_app, simulator):
+    # The browser sees response.done before the relay has booked it; a question sent at once
+    # must be checked against the booked spend, not the spend before that answer.
+    simulator.pace = 0.25  # four times real time
+    cap = Decimal("0.20")  # fresh-install prices: each turn re-bills ~$0.07 of conversation
+    await set_budget(session_cap_usd=cap)
+    browser = await open_session(relay_app)
+    for _ in range(10):
+        await ask(browser)
+        events = await browser.receive_until("response.done", timeout=20)
+        if events[-1]["type"] == "websocket.close":
+            break
+    else:
+        raise AssertionError("the budget never ran out")
+    sessions, _ = await wait_for_ledger_close()
+    one_second_of_audio = Decimal(20) * await audio_output_price() / Decimal(1_000_000)
+    assert sessions[0].end_reason == "budget"
+    assert sessions[0].cost_usd <= cap + one_second_of_audio

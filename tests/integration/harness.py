@@ -133,17 +133,22 @@ class Database:
         )
 
 
+def maintenance_url(server_url):
+    """The server's ``postgres`` database: the one ``DATABASE_URL`` names may not exist yet."""
+    return urlunsplit(urlsplit(server_url)._replace(path="/postgres"))
+
+
 def create_database(server_url):
     """A fresh database ``ducke_it_<random>`` on the server of ``server_url``."""
     name = f"ducke_it_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
+    with psycopg.connect(maintenance_url(server_url), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return Database(urlunsplit(urlsplit(server_url)._replace(path=f"/{name}")))
 
 
 def drop_database(server_url, database):
     name = urlsplit(database.url).path.lstrip("/")
-    with psycopg.connect(server_url, autocommit=True) as conn:
+    with psycopg.connect(maintenance_url(server_url), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
