@@ -108,7 +108,7 @@ def verdict(server, rows):
     )
 
 
-def test_relay_added_latency_cpu_and_frames(tmp_path):
+def test_relay_added_latency_cpu_and_frames(tmp_path, bench_report):
     load_before = os.getloadavg()[0]
     simulator = start_app_server(
         tmp_path / "simulator",
@@ -173,4 +173,17 @@ def test_relay_added_latency_cpu_and_frames(tmp_path):
     common = sorted(set(daphne) & set(uvicorn))
     ratios = ", ".join(f"N={n}: {uvicorn[n] / daphne[n]:.2f}" for n in common)
     print(f"relay CPU per session, uvicorn/daphne: {ratios}")
+    for server in SERVERS:
+        at_target = next((r for r in rows[server] if r["pairs"] == TARGET_SESSIONS), None)
+        if at_target is not None:
+            bench_report(
+                f"relay p99 added latency per delta, {TARGET_SESSIONS} sessions ({server})",
+                at_target["added_p99"],
+                unit="ms",
+                target=f"<= {TARGET_ADDED_P99_MS:g}",
+            )
+        sustained = [r["pairs"] for r in rows[server] if meets_target(r)]
+        bench_report(f"relay sessions within target ({server})", max(sustained, default=0))
+        dropped = sum(r.get("dropped", 0) + r.get("reordered", 0) for r in rows[server])
+        bench_report(f"relay frames dropped or reordered ({server})", dropped, target="<= 0")
     assert not problems, "\n".join(problems[:20])
