@@ -7,23 +7,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ducke.realtime.client_events import sanitize
-from tests.fixtures.relay import SessionClient
+from tests.fixtures.relay import UPSTREAM_EVENT_TYPES, SessionClient
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
     pytest.mark.usefixtures("close_worker_connections"),
 ]
 
-ALLOWED_UPSTREAM = {
-    "input_audio_buffer.append",
-    "input_audio_buffer.commit",
-    "input_audio_buffer.clear",
-    "conversation.item.create",
-    "response.create",
-    "response.cancel",
-    "conversation.item.truncate",
-    "session.update",
-}
+ALLOWED_UPSTREAM = UPSTREAM_EVENT_TYPES
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=30),

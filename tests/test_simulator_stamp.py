@@ -6,17 +6,7 @@ import pytest
 from channels.testing import WebsocketCommunicator
 
 from ducke.realtime.simulator import RealtimeSimulator
-
-
-def user_text(text):
-    return {
-        "type": "conversation.item.create",
-        "item": {
-            "type": "message",
-            "role": "user",
-            "content": [{"type": "input_text", "text": text}],
-        },
-    }
+from tests.fixtures.relay import user_text
 
 
 async def answered_events(**options):

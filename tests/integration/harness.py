@@ -25,20 +25,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.fixtures.live_server import DaphneServer, start_daphne_server
+from tests.fixtures.relay import UPSTREAM_EVENT_TYPES, user_text
 
 ORIGIN = "http://127.0.0.1"
 SIMULATOR_PATH = "/simulator/v1/realtime"
-# What the relay may send upstream: the browser allowlist plus its own session.update.
-UPSTREAM_ALLOWED = {
-    "input_audio_buffer.append",
-    "input_audio_buffer.commit",
-    "input_audio_buffer.clear",
-    "conversation.item.create",
-    "response.create",
-    "response.cancel",
-    "conversation.item.truncate",
-    "session.update",
-}
+UPSTREAM_ALLOWED = UPSTREAM_EVENT_TYPES
 
 
 def require_services():
@@ -259,17 +250,6 @@ def random_ip():
 
 
 # -- browser sessions ---------------------------------------------------------------------------
-
-
-def user_text(text):
-    return {
-        "type": "conversation.item.create",
-        "item": {
-            "type": "message",
-            "role": "user",
-            "content": [{"type": "input_text", "text": text}],
-        },
-    }
 
 
 class Refused(Exception):
