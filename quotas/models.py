@@ -192,7 +192,21 @@ class PolicyVersion(models.Model):
         return f"policy version {self.version}"
 
 
-class QuotaSession(models.Model):
+class TokenCounts(models.Model):
+    """Tokens by billing kind (``TOKEN_KINDS``), shared by the ledger's sessions and records."""
+
+    text_input = models.BigIntegerField(default=0)
+    cached_text_input = models.BigIntegerField(default=0)
+    audio_input = models.BigIntegerField(default=0)
+    cached_audio_input = models.BigIntegerField(default=0)
+    text_output = models.BigIntegerField(default=0)
+    audio_output = models.BigIntegerField(default=0)
+
+    class Meta:
+        abstract = True
+
+
+class QuotaSession(TokenCounts):
     """One WebSocket session's ledger header: who, which model, when, why it ended, what it cost.
 
     Token totals are by billing kind, like ``UsageRecord``: ``text_input`` excludes the cached
@@ -218,12 +232,6 @@ class QuotaSession(models.Model):
     ended_at = models.DateTimeField(null=True, blank=True)
     end_reason = models.CharField(max_length=32, choices=EndReason.choices, blank=True)
     cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
-    text_input = models.BigIntegerField(default=0)
-    cached_text_input = models.BigIntegerField(default=0)
-    audio_input = models.BigIntegerField(default=0)
-    cached_audio_input = models.BigIntegerField(default=0)
-    text_output = models.BigIntegerField(default=0)
-    audio_output = models.BigIntegerField(default=0)
 
     class Meta:
         ordering = ["-started_at"]
@@ -233,7 +241,7 @@ class QuotaSession(models.Model):
         return f"session {self.id} ({self.client}, {self.model})"
 
 
-class UsageRecord(models.Model):
+class UsageRecord(TokenCounts):
     """One billed usage event (a response, a transcription or a tool call), booked once."""
 
     class Kind(models.TextChoices):
@@ -246,12 +254,6 @@ class UsageRecord(models.Model):
     model = models.CharField(max_length=100)
     # The idempotency key: response id, transcription item id or tool call id.
     response_id = models.CharField(max_length=128)
-    text_input = models.BigIntegerField(default=0)
-    cached_text_input = models.BigIntegerField(default=0)
-    audio_input = models.BigIntegerField(default=0)
-    cached_audio_input = models.BigIntegerField(default=0)
-    text_output = models.BigIntegerField(default=0)
-    audio_output = models.BigIntegerField(default=0)
     cost_usd = models.DecimalField(max_digits=12, decimal_places=6)
     unknown_model = models.BooleanField(default=False)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
