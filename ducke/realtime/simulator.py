@@ -1133,6 +1133,23 @@ class RealtimeSimulator:
             if self._active is response:
                 self._active = None
 
+    async def _open_output_item(self, response, item):
+        """Add an output item to the response and the conversation, announcing both;
+        returns the event fields that locate it and the previous conversation item's id."""
+        previous = self._add_output_item(response, item)
+        where = {"response_id": response.id, "item_id": item.id, "output_index": 0}
+        await self._emit(
+            {"type": "response.output_item.added", **where, "item": copy.deepcopy(item.data)}
+        )
+        await self._emit(
+            {
+                "type": "conversation.item.added",
+                "previous_item_id": previous,
+                "item": copy.deepcopy(item.data),
+            }
+        )
+        return where, previous
+
     def _add_output_item(self, response: _Response, item: _Item) -> str | None:
         """Put the response's item in the conversation (unless out-of-band); its predecessor."""
         if response.params.get("conversation") == "none":
@@ -1156,18 +1173,7 @@ class RealtimeSimulator:
             },
             audio_tokens_per_second=ASSISTANT_AUDIO_TOKENS_PER_SECOND if audio else 0,
         )
-        previous = self._add_output_item(response, item)
-        where = {"response_id": response.id, "item_id": item.id, "output_index": 0}
-        await self._emit(
-            {"type": "response.output_item.added", **where, "item": copy.deepcopy(item.data)}
-        )
-        await self._emit(
-            {
-                "type": "conversation.item.added",
-                "previous_item_id": previous,
-                "item": copy.deepcopy(item.data),
-            }
-        )
+        where, previous = await self._open_output_item(response, item)
         part = {"type": "audio", "transcript": ""} if audio else {"type": "text", "text": ""}
         where["content_index"] = 0
         await self._emit({"type": "response.content_part.added", **where, "part": part})
@@ -1302,18 +1308,7 @@ class RealtimeSimulator:
             },
             text_chars=len(name) + len(arguments),
         )
-        previous = self._add_output_item(response, item)
-        where = {"response_id": response.id, "item_id": item.id, "output_index": 0}
-        await self._emit(
-            {"type": "response.output_item.added", **where, "item": copy.deepcopy(item.data)}
-        )
-        await self._emit(
-            {
-                "type": "conversation.item.added",
-                "previous_item_id": previous,
-                "item": copy.deepcopy(item.data),
-            }
-        )
+        where, previous = await self._open_output_item(response, item)
         step = max(1, math.ceil(len(arguments) / 3))
         for start in range(0, len(arguments), step):
             await self._emit(
