@@ -5,12 +5,17 @@ server-owned ``session.update``, then relays: browser events pass ``client_event
 (anything else is answered with an ``error`` event and dropped), upstream events go to the
 browser as they came. Tool calls run here, on the server.
 
-Money: a ``quotas.meter.SessionMeter`` books every upstream ``response.done``, input
-transcription and tool usage exactly once. While a response streams, each audio delta
-updates the meter's projection; when the session cap (or the breaker threshold) would be
-passed within about a second of audio, the relay cancels the response upstream and ends the
-session once the final usage is booked. A browser that leaves mid-response, a quota close
-and a server shutdown all drain upstream first, so the usage of every response is booked.
+Money: the relay starts every response itself (spoken turn, typed turn, after a tool), and
+only after ``quotas.meter.SessionMeter.reserve_response`` has held its worst case against
+every cap (session, spend limits, hourly, breaker): refused, the browser gets
+``quota.exceeded`` and the session ends. A response counts as running from the moment its
+``response.create`` is sent, so at most one runs. The meter books every upstream
+``response.done`` (settling its hold), input transcription and tool usage exactly once. While
+a response streams, each audio delta updates the meter's projection; when the session cap (or
+the breaker threshold) would be passed within about a second of audio, the relay cancels the
+response upstream and ends the session once the final usage is booked. A browser that leaves
+mid-response, a quota close and a server shutdown all drain upstream first, so the usage of
+every response is booked.
 The quotas app guards the connection before this consumer runs
 (``quotas.guards.ConnectionGuard``: rate limit, concurrent sessions, hourly cap, breaker).
 """
@@ -32,9 +37,11 @@ from ducke.realtime import client_events
 from ducke.realtime.persona import TRANSCRIPTION_MODEL, session_update
 from ducke.realtime.upstream import open_upstream
 from ducke.tools import TOOL_SCHEMAS, run_tool
+from quotas.caps import Identity
 from quotas.guards import scope_client_ip, session_slots
-from quotas.meter import CLOSE_BUDGET, CLOSE_PAUSED, SessionMeter, exceeded_event
+from quotas.meter import SessionMeter
 from quotas.policies import policy_cache
+from quotas.protocol import CLOSE_BUDGET, CLOSE_PAUSED, exceeded_event
 from quotas.spend import BREAKER_GROUP
 
 logger = logging.getLogger("ducke.session")
@@ -48,7 +55,6 @@ SLOT_REFRESH_SECONDS = 30
 DRAIN_SECONDS = 10
 BOOKING_RETRY_SECONDS = 1.0
 CHANNEL_LAYER_RETRY_SECONDS = 0.5
-_RESPONSE_CREATE = json.dumps({"type": "response.create"})
 CUTOFF_MESSAGES = {
     "budget": ("This session has used up its budget.", CLOSE_BUDGET),
     "breaker": ("DUCK-E is paused because spending rose unusually fast.", CLOSE_PAUSED),
@@ -218,6 +224,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.client = quotas.get("client") or scope_client_ip(self.scope)
         self.slot = quotas.get("slot")
         self.policy = quotas.get("policy") or await policy_cache.aget()
+        self.identity = quotas.get("identity") or Identity(client=self.client)
         self.model = _setting("DUCKE_REALTIME_MODEL", "gpt-realtime")
         self.upstream = None
         self.meter = None
@@ -227,6 +234,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.end_reason = "client_closed"
         self.last_activity = time.monotonic()
         self.active_response = None
+        self.response_running = False  # from response.create sent until response.done
+        self.create_sent_id = None
+        self.creates = 0
         self.response_idle = asyncio.Event()
         self.response_idle.set()
         self.cutoff = None
@@ -237,7 +247,14 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.max_backlog = int(_setting("DUCKE_MAX_SEND_BACKLOG_BYTES", 4 * 1024 * 1024))
         _live_sessions.add(self)
         await self.accept()
-        self.meter = SessionMeter(self.client, self.model, self.policy.budget)
+        self.meter = SessionMeter(
+            self.client,
+            self.model,
+            self.policy.budget,
+            identity=self.identity,
+            limits=self.policy.spend_limits,
+            slot=self.slot or "",
+        )
         try:
             await self.meter.open()
         except Exception as exc:  # no ledger, no session: refuse explicitly
@@ -265,7 +282,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
             )
             update = json.dumps(self._session_update())
             await self.upstream.send(update)
-            self.meter.note_input_text(len(update))
+            self.meter.note_input_text(update)
         except Exception as exc:  # any failure to reach upstream ends the session cleanly
             logger.warning("upstream connect failed: %s", exc.__class__.__name__)
             await self._end_for_upstream(
@@ -281,7 +298,12 @@ class SessionConsumer(AsyncWebsocketConsumer):
         for name, value in self.scope.get("headers", ()):
             if name == b"accept-language":
                 accept_language = value.decode("latin-1")
-        return session_update(model=self.model, accept_language=accept_language, tools=TOOL_SCHEMAS)
+        return session_update(
+            model=self.model,
+            accept_language=accept_language,
+            tools=TOOL_SCHEMAS,
+            max_output_tokens=self.policy.budget.max_output_tokens_per_response,
+        )
 
     def _spawn(self, coroutine):
         task = asyncio.create_task(coroutine)
@@ -358,19 +380,29 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if event["type"] == "input_audio_buffer.append":
             self.meter.note_input_audio(audio_bytes(event["audio"]))
         elif event["type"] == "conversation.item.create":
-            self.meter.note_input_text(sum(len(part["text"]) for part in event["item"]["content"]))
+            self.meter.note_input_text("".join(part["text"] for part in event["item"]["content"]))
         elif event["type"] == "response.create":
-            await self._create_response()
+            await self._create_response(requested=True)
             return
         await self._send_upstream(json.dumps(event))
 
-    async def _create_response(self):
-        """Ask upstream for a response, unless its input alone would pass the session cap.
+    async def _create_response(self, requested=False):
+        """Ask upstream for a response once its worst case is reserved against every cap.
 
         Every response, spoken or typed or after a tool, starts here: upstream bills the
-        whole conversation as input the moment a response starts, so the budget is checked
-        before, not after (``SessionMeter.admits_response``)."""
+        whole conversation as input the moment a response starts, so the budgets are checked
+        before, not after (``SessionMeter.reserve_response``). A browser's ``response.create``
+        while one runs is refused as upstream would (one response at a time); a spoken turn
+        or a tool result waits for the running response to be booked."""
         if self.upstream is None or self.closing or self.cutoff:
+            return
+        if requested and self.response_running:
+            await self.send_event(
+                error_event(
+                    "conversation_already_has_active_response",
+                    "A response is already in progress; wait for it to finish.",
+                )
+            )
             return
         if not self.response_idle.is_set():
             # A response is running, or its usage is still being booked: decide once the
@@ -379,15 +411,49 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 self.create_waiting = True
                 self._spawn(self._create_response_when_idle())
             return
-        if not self.meter.admits_response():
-            logger.info("not starting a response: the session budget would be passed")
+        self.response_running = True
+        self.response_idle.clear()
+        try:
+            # Policy edits (caps, spend limits) reach running sessions at their next answer.
+            self.policy = await policy_cache.aget()
+            self.meter.use_policy(self.policy.budget, self.policy.spend_limits)
+            admission = await self.meter.reserve_response()
+        except Exception as exc:  # no hold, no response: the budgets cannot be checked
+            logger.error("could not reserve a response: %s", exc.__class__.__name__)
+            self._response_over()
             await self.close_with(
-                CLOSE_BUDGET,
-                exceeded_event("budget", CUTOFF_MESSAGES["budget"][0], 0),
-                "budget",
+                CLOSE_UPSTREAM_FAILURE,
+                error_event(
+                    "service_unavailable", "DUCK-E cannot answer right now.", "server_error"
+                ),
+                end_reason="error",
             )
             return
-        await self._send_upstream(_RESPONSE_CREATE)
+        if not admission.allowed:
+            self._response_over()
+            code, event = self.meter.refusal(admission)
+            await self.close_with(code, event, admission.reason)
+            return
+        self.creates += 1
+        self.create_sent_id = f"ducke_create_{self.creates}"
+        await self._send_upstream(
+            json.dumps({"type": "response.create", "event_id": self.create_sent_id})
+        )
+
+    def _response_over(self):
+        """No response runs any more (booked, refused or never started)."""
+        self.response_running = False
+        self.create_sent_id = None
+        self.response_idle.set()
+
+    async def _release_unstarted(self):
+        """Upstream refused the response just requested: give its hold back."""
+        self.active_response = None
+        try:
+            await self.meter.release_reservation()
+        except Exception as exc:  # the hold expires with its window; the session goes on
+            logger.warning("could not release a reservation: %s", exc.__class__.__name__)
+        self._response_over()
 
     async def _send_upstream(self, text):
         try:
@@ -444,12 +510,21 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 await self._cut_off(reason, event.get("response_id"))
         elif kind == "response.created":
             self.active_response = (event.get("response") or {}).get("id")
+            self.create_sent_id = None
+            self.meter.note_response_started(self.active_response)
             self.response_idle.clear()
         elif kind == "response.done":
             await self._book(self.meter.charge_response, event)
             self.active_response = None
-            self.response_idle.set()
+            self._response_over()
             await self._after_response()
+        elif kind == "error":
+            if self.create_sent_id is not None and self.active_response is None:
+                error = event.get("error") or {}
+                if error.get("event_id") == self.create_sent_id or error.get("code") == (
+                    "conversation_already_has_active_response"
+                ):
+                    await self._release_unstarted()
         elif kind == "conversation.item.input_audio_transcription.completed":
             if event.get("usage"):
                 await self._book(
@@ -536,7 +611,10 @@ class SessionConsumer(AsyncWebsocketConsumer):
         call_id = str(event.get("call_id"))
         try:
             outcome = await run_tool(
-                str(event.get("name", "")), str(event.get("arguments", "")), client=self.client
+                str(event.get("name", "")),
+                str(event.get("arguments", "")),
+                client=self.client,
+                user_id=self.identity.user_id,
             )
             for index, usage in enumerate(outcome.usage):
                 reference = call_id if index == 0 else f"{call_id}:{index}"
@@ -570,7 +648,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
             return
         outputs, self.pending_tool_outputs = self.pending_tool_outputs, []
         for item in outputs:
-            self.meter.note_input_text(len(item["item"]["output"]))
+            self.meter.note_input_text(item["item"]["output"])
             await self._send_upstream(json.dumps(item))
         await self._create_response()
 
@@ -594,16 +672,26 @@ class SessionConsumer(AsyncWebsocketConsumer):
                     "idle",
                 )
                 return
-            if self.slot and now >= next_refresh:
-                await session_slots().refresh(
-                    self.client, self.slot, self.policy.budget.max_concurrent_sessions_per_client
-                )
+            if now >= next_refresh:
+                if self.slot:
+                    await session_slots().refresh(
+                        self.client,
+                        self.slot,
+                        self.policy.budget.max_concurrent_sessions_per_client,
+                    )
+                await self._heartbeat()
                 next_refresh = now + SLOT_REFRESH_SECONDS
             # Wake at least every second, and exactly at the duration cap.
             until_cap = (
                 self.meter.started + self.policy.budget.session_max_seconds - self.meter.timer()
             )
             await asyncio.sleep(min(1.0, max(0.01, until_cap)))
+
+    async def _heartbeat(self):
+        try:
+            await self.meter.heartbeat()
+        except Exception as exc:  # a missed heartbeat is retried at the next refresh
+            logger.warning("session heartbeat failed: %s", exc.__class__.__name__)
 
     # The breaker opened somewhere (this or another instance)
 

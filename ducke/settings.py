@@ -194,6 +194,9 @@ QUOTAS_ENABLED = _read("QUOTAS_ENABLED", _bool, True)
 QUOTAS_FAIL_MODE = env.str("QUOTAS_FAIL_MODE", default="local").strip().lower()
 QUOTAS_TRUSTED_PROXIES = env.str("QUOTAS_TRUSTED_PROXIES", default="")
 QUOTAS_REDIS_URL = REDIS_URL
+QUOTAS_SERVICE_NAME = "DUCK-E"  # the product name in quota messages and alerts
+# Calendar spend limits (day/week/month) reset at midnight here; empty -> TIME_ZONE.
+QUOTAS_BUDGET_TIMEZONE = env.str("QUOTAS_BUDGET_TIMEZONE", default="").strip()
 QUOTAS_EVENT_RETENTION_DAYS = _read("QUOTAS_EVENT_RETENTION_DAYS", _int, 90)
 
 # Realtime upstream.

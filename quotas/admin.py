@@ -1,9 +1,9 @@
 """Admin pages to edit rate-limit rules, model prices and the budget policy, the read-only
 ledger and event records, and the reports under ``/admin/quotas/reports/``."""
 
-from django.contrib import admin
+from django.contrib import admin, messages
 
-from .models import BudgetPolicy, ModelPrice, PolicyChange, RateLimitRule
+from .models import BudgetPolicy, ModelPrice, PolicyChange, RateLimitRule, SpendLimit, ToolPrice
 from .signals import acting_as
 
 
@@ -76,7 +76,39 @@ class BudgetPolicyAdmin(PolicyHistoryAdmin):
         "breaker_threshold_usd",
         "breaker_cooldown_seconds",
         "max_concurrent_sessions_per_client",
+        "max_output_tokens_per_response",
     )
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        for warning in obj.warnings():
+            self.message_user(request, warning, level=messages.WARNING)
+
+
+@admin.register(SpendLimit)
+class SpendLimitAdmin(PolicyHistoryAdmin):
+    list_display = (
+        "name",
+        "key",
+        "cap_usd",
+        "period",
+        "window_seconds",
+        "group",
+        "alert_at_percent",
+        "enabled",
+        "shadow",
+    )
+    list_editable = ("cap_usd", "enabled", "shadow")
+    list_filter = ("key", "period", "enabled", "shadow", "group")
+    search_fields = ("name",)
+
+
+@admin.register(ToolPrice)
+class ToolPriceAdmin(PolicyHistoryAdmin):
+    list_display = ("tool", "effective_from", "per_call_usd", "note")
+    list_filter = ("tool",)
+    search_fields = ("tool", "note")
+    date_hierarchy = "effective_from"
 
 
 # -- Ledger (view only) and the breaker reset ---------------------------------------------------
@@ -106,7 +138,15 @@ class UsageRecordInline(admin.TabularInline):
     extra = 0
     can_delete = False
     show_change_link = True
-    fields = ("created_at", "kind", "model", "response_id", "cost_usd", "unknown_model")
+    fields = (
+        "created_at",
+        "kind",
+        "model",
+        "response_id",
+        "cost_usd",
+        "estimated",
+        "unknown_model",
+    )
     readonly_fields = fields
 
     def has_add_permission(self, request, obj=None):
@@ -121,9 +161,24 @@ class UsageRecordInline(admin.TabularInline):
 
 @admin.register(QuotaSession)
 class QuotaSessionAdmin(ViewOnlyAdmin):
-    list_display = ("id", "client", "model", "started_at", "ended_at", "end_reason", "cost_usd")
-    list_filter = ("end_reason", "model", ("ended_at", admin.EmptyFieldListFilter))
-    search_fields = ("id", "client", "model")
+    list_display = (
+        "id",
+        "client",
+        "user",
+        "model",
+        "started_at",
+        "ended_at",
+        "end_reason",
+        "cost_usd",
+    )
+    list_filter = (
+        "end_reason",
+        "model",
+        ("ended_at", admin.EmptyFieldListFilter),
+        ("user", admin.RelatedOnlyFieldListFilter),
+    )
+    search_fields = ("id", "client", "model", "user__username", "user__email")
+    list_select_related = ("user",)
     date_hierarchy = "started_at"
     inlines = [UsageRecordInline]
 
@@ -136,10 +191,11 @@ class UsageRecordAdmin(ViewOnlyAdmin):
         "model",
         "response_id",
         "cost_usd",
+        "estimated",
         "unknown_model",
         "session_link",
     )
-    list_filter = ("kind", "model", "unknown_model")
+    list_filter = ("kind", "model", "estimated", "unknown_model")
     search_fields = ("response_id", "model", "session__id", "session__client")
     date_hierarchy = "created_at"
     list_select_related = ("session",)

@@ -22,6 +22,14 @@ QUOTAS_ALERT_TIMEOUT_SECONDS   webhook request timeout, default 5.0.
 QUOTAS_ALERT_QUEUE_SIZE        alerts waiting for delivery before new ones are dropped, default 100.
 QUOTAS_EVENT_RETENTION_DAYS    refusal, tool-call and breaker events older than this are
                                deleted by ``manage.py quotas_prune``, default 90.
+QUOTAS_BUDGET_TIMEZONE         the zone whose midnight starts a calendar day/week/month of a
+                               spend limit; empty (default) -> TIME_ZONE.
+QUOTAS_SERVICE_NAME            the product name in messages to users and in alerts, default
+                               "the service".
+QUOTAS_SPEND_SWEEP_SECONDS     how often a process closes sessions left open by a crashed
+                               process, default 300; 0 -> never in the background.
+QUOTAS_SESSION_HEARTBEAT_SECONDS  how often a running session proves its process is alive,
+                               default 30; a session silent for 3 of these is stale.
 QUOTAS_EVENT_FLUSH_SECONDS     how often buffered event counts are written, default 5.0;
                                0 -> no background writer (tests call events.flush()).
 """
@@ -48,6 +56,10 @@ _DEFAULTS = {
     "ALERT_QUEUE_SIZE": 100,
     "EVENT_RETENTION_DAYS": 90,
     "EVENT_FLUSH_SECONDS": 5.0,
+    "BUDGET_TIMEZONE": "",
+    "SERVICE_NAME": "the service",
+    "SPEND_SWEEP_SECONDS": 300.0,
+    "SESSION_HEARTBEAT_SECONDS": 30.0,
 }
 
 
@@ -58,6 +70,17 @@ class QuotasSettings:
         if name not in _DEFAULTS:
             raise AttributeError(name)
         return getattr(settings, f"QUOTAS_{name}", _DEFAULTS[name])
+
+    @property
+    def budget_timezone(self):
+        """The ``zoneinfo.ZoneInfo`` of calendar spend periods (ValueError when unknown)."""
+        import zoneinfo
+
+        name = self.BUDGET_TIMEZONE or settings.TIME_ZONE or "UTC"
+        try:
+            return zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {name!r}") from None
 
 
 quota_settings = QuotasSettings()

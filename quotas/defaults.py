@@ -26,7 +26,17 @@ DEFAULT_BUDGET = {
     "breaker_threshold_usd": D("100.00"),
     "breaker_cooldown_seconds": 3600,
     "max_concurrent_sessions_per_client": 2,
+    "max_output_tokens_per_response": 1000,
 }
+
+DEFAULT_SPEND_LIMITS = (
+    # name, key, cap_usd, period, window_seconds
+    ("client-hour", "client", D("10.00"), "rolling", 3600),
+    ("client-day", "client", D("20.00"), "rolling", 86400),
+)
+
+# USD per call on top of the tool's tokens (OpenAI bills web search per call).
+DEFAULT_TOOL_PRICES = {"web_search": D("0.025")}
 
 # Far enough back that every ledger row finds a price.
 SHEET_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -82,12 +92,25 @@ TOKEN_KINDS = (
 )
 
 
-def load_defaults(rule_model, budget_model, price_model, version_model):
-    """Create missing default rules, budget policy, default price sheet and version row.
+def load_defaults(
+    rule_model,
+    budget_model,
+    price_model,
+    version_model,
+    spend_limit_model=None,
+    tool_price_model=None,
+):
+    """Create missing default rules, budget policy, spend limits, default price sheet, tool
+    prices and version row.
 
     Takes the model classes so a data migration can pass its historical models. Existing
-    rows (matched by rule name, model + date, any budget policy) are left as they are.
+    rows (matched by rule or limit name, model or tool + date, any budget policy) are left as
+    they are.
     """
+    if spend_limit_model is not None:
+        load_spend_limits(spend_limit_model)
+    if tool_price_model is not None:
+        load_tool_prices(tool_price_model)
     for name, scope, target, key, limit, window in DEFAULT_RULES:
         rule_model.objects.get_or_create(
             name=name,
@@ -100,7 +123,9 @@ def load_defaults(rule_model, budget_model, price_model, version_model):
             },
         )
     if not budget_model.objects.exists():
-        budget_model.objects.create(**DEFAULT_BUDGET)
+        # A historical model (an early migration) may not have every field yet.
+        names = {field.name for field in budget_model._meta.get_fields()}
+        budget_model.objects.create(**{k: v for k, v in DEFAULT_BUDGET.items() if k in names})
     load_price_sheet(price_model, "default", SHEET_EPOCH, note="fresh-install sheet")
     version_model.objects.get_or_create(pk=1, defaults={"version": 1})
 
@@ -119,3 +144,22 @@ def load_price_sheet(price_model, sheet, effective_from, note=""):
         )
         created += made
     return created
+
+
+def load_spend_limits(spend_limit_model):
+    """Create the default spend limits that are missing (by name)."""
+    for name, key, cap, period, window in DEFAULT_SPEND_LIMITS:
+        spend_limit_model.objects.get_or_create(
+            name=name,
+            defaults={"key": key, "cap_usd": cap, "period": period, "window_seconds": window},
+        )
+
+
+def load_tool_prices(tool_price_model):
+    """Create the default per-call tool prices that are missing."""
+    for tool, price in DEFAULT_TOOL_PRICES.items():
+        tool_price_model.objects.get_or_create(
+            tool=tool,
+            effective_from=SHEET_EPOCH,
+            defaults={"per_call_usd": price, "note": "fresh-install price"},
+        )

@@ -2,30 +2,37 @@
 
 ``ConnectionGuard`` is ASGI middleware in the style of Channels' ``OriginValidator``: it
 decides before the consumer runs and keeps no per-connection state on the instance. It
-checks, in order: the websocket rate-limit rule (4429), the rolling-hour cap and the circuit
-breaker (4503), and the client's concurrent sessions (4429). A refused connection is
-accepted just long enough to receive a ``quota.exceeded`` event and then closed, so the
-browser can tell the person why.
+checks, in order: the websocket rate-limit rules (4429), the spend limits of the client and
+user, the rolling-hour cap and the circuit breaker (4402 ``client_budget`` / ``user_budget``,
+4503 ``global_budget`` / ``hourly_cap`` / ``breaker``, each with ``retry_after``), and the
+client's concurrent sessions (4429). A refused connection is accepted just long enough to
+receive a ``quota.exceeded`` event and then closed, so the browser can tell the person why.
+
+Behind Channels' ``AuthMiddlewareStack`` the signed-in user (``scope["user"]``) is known:
+``user`` rules and spend limits count per user, and group tiers apply.
 """
 
 import json
 import logging
 import uuid
 
+from channels.db import database_sync_to_async
+
+from .caps import Identity
 from .clientip import client_ip
 from .concurrency import SessionSlots
 from .conf import quota_settings
 from .events import record_violation
 from .limiter import ceil_seconds, get_limiter
-from .meter import CLOSE_PAUSED, admit_new_session
+from .meter import admit_new_session
 from .metrics import rate_limit_exceeded_total
 from .middleware import limits_for
 from .policies import policy_cache
+from .protocol import CLOSE_RATE_LIMITED, close_code_for, exceeded_event
 from .redis_client import shared_redis
+from .spend import spend_counters
 
 logger = logging.getLogger("quotas.guards")
-
-CLOSE_RATE_LIMITED = 4429
 
 _slots = {}
 
@@ -55,12 +62,7 @@ async def refuse_websocket(receive, send, code, reason, message, retry_after):
     if event.get("type") != "websocket.connect":
         return
     await send({"type": "websocket.accept"})
-    payload = {
-        "type": "quota.exceeded",
-        "reason": reason,
-        "message": message,
-        "retry_after": retry_after,
-    }
+    payload = exceeded_event(reason, message, retry_after)
     await send({"type": "websocket.send", "text": json.dumps(payload)})
     await send({"type": "websocket.close", "code": code})
 
@@ -76,8 +78,9 @@ class ConnectionGuard:
             return await self.application(scope, receive, send)
         client = scope_client_ip(scope)
         snapshot = await policy_cache.aget()
+        identity = await scope_identity(scope, client)
         rules = snapshot.rules_for("websocket", scope.get("path", ""))
-        decision = await get_limiter().ahit(limits_for(rules, client))
+        decision = await get_limiter().ahit(limits_for(rules, client, identity.user_id))
         # The rule target, not the raw path: a client must not be able to invent new rows.
         endpoint = rules[0].target if rules else "*"
         _record_decision(decision, "websocket", endpoint)
@@ -93,14 +96,15 @@ class ConnectionGuard:
                 f"Too many new sessions from your address. Try again in {retry} seconds.",
                 retry,
             )
-        admission = await admit_new_session(snapshot.budget)
+        caps = spend_counters().caps_for(snapshot.budget, identity, limits=snapshot.spend_limits)
+        admission = await admit_new_session(snapshot.budget, caps=caps)
         if not admission.allowed:
             record_violation(f"budget:{admission.reason}", "websocket", endpoint)
             logger.info("connection refused for %s: %s", client, admission.reason)
             return await refuse_websocket(
                 receive,
                 send,
-                CLOSE_PAUSED,
+                close_code_for(admission.reason),
                 admission.reason,
                 admission.message,
                 admission.retry_after,
@@ -119,20 +123,41 @@ class ConnectionGuard:
                 f"You already have {maximum} DUCK-E sessions open. Close one and try again.",
                 30,
             )
-        scope = dict(scope, quotas={"client": client, "slot": token, "policy": snapshot})
+        scope = dict(
+            scope,
+            quotas={"client": client, "slot": token, "policy": snapshot, "identity": identity},
+        )
         try:
             return await self.application(scope, receive, send)
         finally:
             await slots.release(client, token)
 
 
-async def check_tool_call(tool_name, client):
-    """Count one call of ``tool_name`` by ``client``; the Decision says whether it may run."""
+async def scope_identity(scope, client):
+    """Who a connection's money and ``user`` limits count for: client, user and groups."""
+    user = scope.get("user")
+    if user is None or not getattr(user, "is_authenticated", False):
+        return Identity(client=client)
+    return Identity(client=client, user_id=user.pk, group_ids=await _group_ids(user.pk))
+
+
+@database_sync_to_async
+def _group_ids(user_id):
+    from django.contrib.auth.models import Group
+
+    return frozenset(
+        Group.user_set.through.objects.filter(user_id=user_id).values_list("group_id", flat=True)
+    )
+
+
+async def check_tool_call(tool_name, client, user_id=None):
+    """Count one call of ``tool_name`` by ``client`` (and signed-in ``user_id``); the Decision
+    says whether it may run."""
     if not quota_settings.ENABLED:
         return None
     snapshot = await policy_cache.aget()
     rules = snapshot.rules_for("tool", tool_name)
-    decision = await get_limiter().ahit(limits_for(rules, client))
+    decision = await get_limiter().ahit(limits_for(rules, client, user_id))
     _record_decision(decision, "tool", f"tool:{tool_name}")
     if not decision.allowed:
         rate_limit_exceeded_total.labels(endpoint=f"tool:{tool_name}").inc()

@@ -1,28 +1,37 @@
-"""Per-session metering: book usage to the ledger exactly once, charge the shared counters,
-project the running response's cost, and tell the relay when to warn, cancel or close.
+"""Per-session metering: reserve each response's worst case before it starts, book usage to
+the ledger exactly once, settle the shared counters, project the running response's cost, and
+tell the relay when to warn, cancel or close.
 
-One ``SessionMeter`` per WebSocket session, used from async code. Each booking is one small
-sync function run through ``database_sync_to_async`` (Django has no transactions in async
-code): insert the ``UsageRecord`` (unique per session and response id: the idempotency key)
-and ``F()``-update the session's totals in one transaction; then one round trip to the spend
-counters (Redis, or the in-process twin while Redis is down). The ledger is written first, so
-a Redis outage loses nothing: the counters are rebuilt from it later.
+One ``SessionMeter`` per WebSocket session, used from async code. Before the relay sends any
+``response.create``, ``reserve_response()`` holds the response's worst case (the conversation
+it re-bills as input, never under-counted, plus ``max_output_tokens``) against every cap of
+the session (``quotas.caps``) in one decision; refused, nothing starts. The hold is then
+written to the ledger as a provisional ``UsageRecord`` (``estimated``), which
+``response.done`` replaces in place by the exact usage while the counters swap the hold for
+the exact cost. A crash between the two leaves the estimate booked: never less than spent.
 
-Close codes for the relay: 4402 session budget spent, 4408 duration reached, 4503 service
-paused (breaker). Passing the hourly cap does not end a running session (it only refuses new
-ones), so it only sets ``ChargeOutcome.hourly_cap_reached``.
+Other usage (transcriptions, tools, a response without a hold) is booked plainly: insert the
+``UsageRecord`` (unique per session and response id: the idempotency key) and update the
+session's totals in one transaction, then one round trip to the spend counters. The ledger
+is written before the counters change, so a Redis outage loses nothing: the counters are
+rebuilt from it later.
+
+Close codes and events are ``quotas.protocol``'s. Passing the hourly cap does not end a
+running session by itself; its next reservation is refused.
 """
 
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 
 from channels.db import database_sync_to_async
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Sum
 
+from .caps import SESSION, Identity
 from .defaults import TOKEN_KINDS
 from .metrics import (
     active_sessions_total,
@@ -34,8 +43,10 @@ from .metrics import (
 from .pricing import (
     INPUT_AUDIO_TOKENS_PER_SECOND,
     OUTPUT_AUDIO_TOKENS_PER_SECOND,
+    OUTPUT_KINDS,
     PCM16_BYTES_PER_SECOND,
     PER_TOKENS,
+    TokenCounts,
     price_book,
     timestamp_to_datetime,
     to_micro,
@@ -44,19 +55,22 @@ from .pricing import (
     usage_token_counts,
     warn_unknown,
 )
-from .spend import (
-    BREAKER_MESSAGE,
-    broadcast_breaker_open,
-    entry_member,
-    minutes_until,
-    spend_counters,
+from .protocol import (
+    CLOSE_BUDGET,
+    CLOSE_DURATION,
+    CLOSE_PAUSED,
+    breaker_message,
+    close_code_for,
+    dollars,
+    exceeded_event,
+    format_usd,
+    warning_event,
 )
+from .spend import Admission, broadcast_breaker_open, entry_member, spend_counters
+from .text_tokens import text_token_bound
 
 logger = logging.getLogger("quotas.meter")
 
-CLOSE_BUDGET = 4402
-CLOSE_DURATION = 4408
-CLOSE_PAUSED = 4503
 BUDGET_WARNINGS = (
     (Decimal("0.50"), "budget_50"),
     (Decimal("0.80"), "budget_80"),
@@ -65,33 +79,9 @@ BUDGET_WARNINGS = (
 DURATION_WARNINGS = ((300, "duration_5min"), (60, "duration_1min"))
 # Cancel a response when its projected cost would pass the cap within this much more audio.
 PROJECTION_HORIZON_SECONDS = 1
-TEXT_CHARS_PER_TOKEN = 4
 _OUTPUT_TOKENS_PER_BYTE = Decimal(OUTPUT_AUDIO_TOKENS_PER_SECOND) / PCM16_BYTES_PER_SECOND
 _INPUT_TOKENS_PER_BYTE = Decimal(INPUT_AUDIO_TOKENS_PER_SECOND) / PCM16_BYTES_PER_SECOND
 _CENTS = Decimal("0.01")
-
-
-def format_usd(amount):
-    """Money for the browser: a decimal string with 2 to 6 places ("0.0123", "5.00")."""
-    text = f"{Decimal(amount).quantize(Decimal('0.000001'), rounding=ROUND_HALF_UP):f}"
-    whole, _, fraction = text.partition(".")
-    fraction = fraction.rstrip("0")
-    return f"{whole}.{fraction.ljust(2, '0')}"
-
-
-def warning_event(reason, message):
-    """A ``quota.warning`` event."""
-    return {"type": "quota.warning", "reason": reason, "message": message}
-
-
-def exceeded_event(reason, message, retry_after=0):
-    """A ``quota.exceeded`` event (sent right before a quota close)."""
-    return {
-        "type": "quota.exceeded",
-        "reason": reason,
-        "message": message,
-        "retry_after": retry_after,
-    }
 
 
 @dataclass
@@ -199,29 +189,67 @@ class _Booking:
     session_cost: Decimal | None = None
 
 
-async def admit_new_session(budget, counters=None):
-    """Whether a new session may start now (rolling-hour cap and breaker), as an ``Admission``."""
+@dataclass
+class Reservation:
+    """A response's worst case, held against every cap from before it starts until it settles."""
+
+    reference: str  # the provisional record's response_id until the response is known
+    micro: int
+    cost: Decimal
+    counts: TokenCounts
+    record_id: int | None = None  # the provisional UsageRecord, once written
+    response_id: str | None = None
+
+    @property
+    def member(self):
+        return entry_member(self.micro, self.reference)
+
+
+def count_refusal(reason):
+    """Count a budget refusal in ``budget_exceeded_total``."""
+    budget_exceeded_total.labels(reason=reason).inc()
+
+
+async def admit_new_session(budget, counters=None, caps=None):
+    """Whether a new session may start now (spend limits, rolling-hour cap, breaker)."""
     counters = counters or spend_counters()
-    admission = await counters.aadmit(budget)
+    admission = await counters.aadmit(budget, caps)
     if not admission.allowed:
-        budget_exceeded_total.labels(reason=admission.reason).inc()
+        count_refusal(admission.reason)
     return admission
 
 
 class SessionMeter:
-    """Meters one WebSocket session against its budget, the hourly cap and the breaker."""
+    """Meters one WebSocket session against every cap: its budget, the spend limits of its
+    client and user, the hourly cap and the breaker."""
 
-    def __init__(self, client, model, budget, *, timer=time.time, counters=None):
+    def __init__(
+        self,
+        client,
+        model,
+        budget,
+        *,
+        timer=time.time,
+        counters=None,
+        identity=None,
+        limits=(),
+        slot="",
+    ):
         self.client = client
         self.model = model
         self.budget = budget
         self.timer = timer
         self.counters = counters
+        self.identity = identity or Identity(client=client)
+        self.limits = tuple(limits)
+        self.slot = slot
         self.session_id = None
         self.started = None
         self.closed = False
+        self.reservation = None
         self._cost = Decimal(0)
         self._hour_usd = Decimal(0)
+        self._state = None  # the latest spend decision (status, warnings)
         self._sent = set()
         self._rates = None
         # The running response's projection.
@@ -233,7 +261,7 @@ class SessionMeter:
         self._context_audio_tokens = 0
         self._context_text_tokens = 0
         self._pending_input_bytes = 0
-        self._pending_text_tokens = Decimal(0)
+        self._pending_text_tokens = 0
         for seconds, reason in DURATION_WARNINGS:
             if seconds >= budget.session_max_seconds:
                 self._sent.add(reason)
@@ -247,17 +275,50 @@ class SessionMeter:
         self.started = self.timer()
         self.session_id = await self._create_session(timestamp_to_datetime(self.started))
         active_sessions_total.inc()
+        try:
+            self._state = await self.counters.adecide("read", self.caps(), self.budget)
+        except Exception:  # a status without limits is better than no session
+            logger.exception("could not read the spend limits of a new session")
         return self.session_id
+
+    def use_policy(self, budget, limits):
+        """Count from now on against these caps (policy edits reach running sessions)."""
+        self.budget = budget
+        self.limits = tuple(limits)
+
+    def caps(self, at=None):
+        """The caps this session's money counts against now."""
+        return self.counters.caps_for(
+            self.budget, self.identity, limits=self.limits, session_id=self.session_id, at=at
+        )
 
     @database_sync_to_async
     def _create_session(self, started_at):
         from .models import QuotaSession
 
         session = QuotaSession.objects.create(
-            client=self.client[:100], model=self.model, started_at=started_at
+            client=self.client[:100],
+            user_id=self.identity.user_id,
+            model=self.model,
+            started_at=started_at,
+            heartbeat_at=started_at,
+            slot=(self.slot or "")[:64],
         )
         self._rates = price_book().rates_at(self.model, started_at)
         return str(session.pk)
+
+    async def heartbeat(self):
+        """Prove this session's process is alive (the stale-session sweep spares it)."""
+        if self.session_id is not None and not self.closed:
+            await self._heartbeat(timestamp_to_datetime(self.timer()))
+
+    @database_sync_to_async
+    def _heartbeat(self, at):
+        from .models import QuotaSession
+
+        QuotaSession.objects.filter(pk=self.session_id, ended_at__isnull=True).update(
+            heartbeat_at=at
+        )
 
     async def close(self, end_reason):
         """End the session: ``ended_at``, ``end_reason`` and totals from its records; idempotent."""
@@ -270,22 +331,12 @@ class SessionMeter:
             end_reason = QuotaSession.EndReason.ERROR
         self.closed = True
         ended = self.timer()
-        await self._end_session(timestamp_to_datetime(ended), end_reason)
+        await database_sync_to_async(end_session)(
+            self.session_id, timestamp_to_datetime(ended), end_reason
+        )
         self.counters.forget_session(self.session_id)
         active_sessions_total.dec()
         session_duration_seconds.labels(status=end_reason).observe(max(0.0, ended - self.started))
-
-    @database_sync_to_async
-    def _end_session(self, ended_at, end_reason):
-        from .models import QuotaSession, UsageRecord
-
-        sums = UsageRecord.objects.filter(session_id=self.session_id).aggregate(
-            cost=Sum("cost_usd"), **{kind: Sum(kind) for kind in TOKEN_KINDS}
-        )
-        totals = {kind: sums[kind] or 0 for kind in TOKEN_KINDS}
-        return QuotaSession.objects.filter(pk=self.session_id, ended_at__isnull=True).update(
-            ended_at=ended_at, end_reason=end_reason, cost_usd=sums["cost"] or Decimal(0), **totals
-        )
 
     # -- projection (hot path: no I/O) ------------------------------------------------------------
 
@@ -293,26 +344,35 @@ class SessionMeter:
         """Count user audio sent upstream (pcm16 24 kHz); the next response re-bills it."""
         self._pending_input_bytes += nbytes
 
-    def note_input_text(self, nchars):
-        """Count text sent upstream (instructions, tool schemas, typed questions) at about
-        4 characters per token; the next response bills it as input."""
-        self._pending_text_tokens += Decimal(nchars) / TEXT_CHARS_PER_TOKEN
+    def note_input_text(self, text):
+        """Count text sent upstream (instructions, tool schemas, typed questions, tool output);
+        the next response bills it as input. Never fewer tokens than the tokenizer counts."""
+        self._pending_text_tokens += text_token_bound(text)
+
+    def _input_tokens(self):
+        pending_audio = math.ceil(self._pending_input_bytes * _INPUT_TOKENS_PER_BYTE)
+        audio = self._context_audio_tokens + pending_audio
+        text = self._context_text_tokens + self._pending_text_tokens
+        return int(text), int(audio)
 
     def _projected_input(self):
         rates = self._rates
-        pending_tokens = self._pending_input_bytes * _INPUT_TOKENS_PER_BYTE
-        audio_tokens = self._context_audio_tokens + pending_tokens
-        text_tokens = self._context_text_tokens + self._pending_text_tokens
+        text_tokens, audio_tokens = self._input_tokens()
         # Cache discounts are ignored: the estimate may only err on the high side.
         return (audio_tokens * rates.audio_input + text_tokens * rates.text_input) / PER_TOKENS
 
+    def worst_case(self):
+        """The token counts a new response can bill at most: the conversation it re-bills as
+        input (never under-counted) plus ``max_output_tokens`` of its dearest output kind."""
+        text_tokens, audio_tokens = self._input_tokens()
+        output = int(self.budget.max_output_tokens_per_response)
+        out_kind = self._rates.max_kind(OUTPUT_KINDS) if self._rates else "audio_output"
+        return TokenCounts(text_input=text_tokens, audio_input=audio_tokens, **{out_kind: output})
+
     def admits_response(self):
         """Whether a new response fits the session budget: spend so far, plus the projected
-        input it re-bills (the whole conversation), plus about one second of output audio.
-
-        The relay asks before every ``response.create`` it sends or forwards: upstream bills
-        a response's input as soon as it starts, so only refusing to start it keeps spend
-        within the cap when the conversation alone would pass it."""
+        input it re-bills, plus about one second of output audio (a quick local check; the
+        reservation is the binding one)."""
         if self._rates is None:
             return True
         horizon = PROJECTION_HORIZON_SECONDS * OUTPUT_AUDIO_TOKENS_PER_SECOND
@@ -357,22 +417,147 @@ class SessionMeter:
             counts.text_input + counts.cached_text_input + counts.text_output
         )
         self._pending_input_bytes = 0
-        self._pending_text_tokens = Decimal(0)
+        self._pending_text_tokens = 0
         self._response_id = None
+
+    # -- reservations ---------------------------------------------------------------------------
+
+    async def reserve_response(self):
+        """Reserve the worst case of the next response against every cap, before it starts.
+
+        Returns an ``Admission``: refused (nothing held, nothing to start) when any cap would
+        pass; allowed, with ``reservation`` held, otherwise. The provisional ledger row is
+        written after the hold, so a crash keeps the estimate booked."""
+        if self.session_id is None:
+            raise RuntimeError("SessionMeter.open() must be awaited before reserving")
+        if self.reservation is not None:
+            raise RuntimeError("a response is already reserved")
+        at = self.timer()
+        if self._rates is None:
+            self._rates = price_book().rates_at(self.model, timestamp_to_datetime(at))
+        counts = self.worst_case()
+        cost = counts.cost(self._rates)
+        micro = to_micro(cost)
+        reservation = Reservation(f"reserved:{uuid.uuid4().hex}", micro, cost, counts)
+        state = await self.counters.areserve(
+            self.caps(at), micro, reservation.member, self.budget, at=at
+        )
+        self._state = state
+        self._hour_usd = state.hour_usd
+        if not state.allowed:
+            admission = self.counters.admission_of(state)
+            self._count_exceeded(admission.reason)
+            logger.info(
+                "response not started for %s: $%s would pass %s",
+                self.client,
+                cost,
+                state.refused.name if state.refused else "the breaker",
+            )
+            return admission
+        self.reservation = reservation
+        reservation.record_id = await self._book_provisional(reservation, at)
+        return Admission(True, state=state)
+
+    def note_response_started(self, response_id):
+        """Upstream created the reserved response (its id will settle the reservation)."""
+        if self.reservation is not None and self.reservation.response_id is None:
+            self.reservation.response_id = response_id
+
+    async def release_reservation(self):
+        """Drop the reservation of a response that upstream refused to start."""
+        reservation, self.reservation = self.reservation, None
+        if reservation is None:
+            return
+        at = self.timer()
+        if reservation.record_id is not None:
+            await self._drop_provisional(reservation)
+        self._state = await self.counters.arelease(
+            self.caps(at), reservation.member, self.budget, at=at
+        )
+
+    @database_sync_to_async
+    def _book_provisional(self, reservation, at):
+        from .models import UsageRecord
+
+        tokens = reservation.counts.as_dict()
+        with transaction.atomic():
+            record = UsageRecord.objects.create(
+                session_id=self.session_id,
+                kind=UsageRecord.Kind.RESPONSE,
+                model=self.model[:100],
+                response_id=reservation.reference,
+                cost_usd=reservation.cost,
+                unknown_model=self._rates.unknown,
+                estimated=True,
+                created_at=timestamp_to_datetime(at),
+                **tokens,
+            )
+            _add_to_session_totals(self.session_id, reservation.cost, tokens)
+        return record.pk
+
+    @database_sync_to_async
+    def _drop_provisional(self, reservation):
+        from .models import UsageRecord
+
+        with transaction.atomic():
+            deleted, _ = UsageRecord.objects.filter(
+                pk=reservation.record_id, estimated=True
+            ).delete()
+            if deleted:
+                tokens = {kind: -count for kind, count in reservation.counts.as_dict().items()}
+                _add_to_session_totals(self.session_id, -reservation.cost, tokens)
+
+    @database_sync_to_async
+    def _settle_provisional(self, reservation, reference, counts_of, at):
+        """Replace the provisional record by the exact usage, in place (sync; idempotent)."""
+        from .models import UsageRecord
+
+        when = timestamp_to_datetime(at)
+        book = price_book()
+        rates = book.rates_at(self.model, when)
+        counts = counts_of(rates)
+        cost = counts.cost(rates)
+        self._rates = rates
+        tokens = counts.as_dict()
+        estimate = reservation.counts.as_dict()
+        with transaction.atomic():
+            updated = UsageRecord.objects.filter(pk=reservation.record_id, estimated=True).update(
+                response_id=reference,
+                cost_usd=cost,
+                unknown_model=rates.unknown,
+                estimated=False,
+                created_at=when,
+                **tokens,
+            )
+            if updated:
+                delta = {kind: tokens[kind] - estimate[kind] for kind in TOKEN_KINDS}
+                _add_to_session_totals(self.session_id, cost - reservation.cost, delta)
+        if not updated:
+            return None
+        return _Booking(reservation.record_id, cost, counts, rates)
 
     # -- charging -------------------------------------------------------------------------------
 
     async def charge_response(self, event):
-        """Book a ``response.done`` server event's usage (once per response id)."""
+        """Book a ``response.done`` server event's usage (once per response id): settles the
+        reservation it ran under, or books it plainly when it had none."""
         response = event.get("response") or {}
         response_id = response.get("id") or event.get("response_id")
         if not response_id:
             response_id = f"event:{event.get('event_id') or id(event)}"
             logger.warning("response.done without a response id; booked as %s", response_id)
         usage = response.get("usage") or {}
-        outcome, counts = await self._charge(
-            "response", str(response_id), self.model, lambda rates: usage_token_counts(usage, rates)
-        )
+
+        def counts_of(rates):
+            return usage_token_counts(usage, rates)
+
+        reservation = self.reservation
+        if reservation is not None and reservation.response_id in (None, str(response_id)):
+            outcome, counts = await self._settle(reservation, str(response_id), counts_of)
+        else:
+            outcome, counts = await self._charge(
+                "response", str(response_id), self.model, counts_of
+            )
         if counts is not None and any(counts.as_dict().values()):
             self._learn_context(counts)
         return outcome
@@ -441,6 +626,47 @@ class SessionMeter:
             return _Booking(None, Decimal(0), counts, rates, session_cost)
         return _Booking(record.pk, cost, counts, rates)
 
+    def _count_booking(self, booking, kind, reference):
+        rates = booking.rates
+        if rates.unknown:
+            warn_unknown(rates, f"{kind} {reference}")
+        label = rates.metric_model
+        api_cost_total_usd.labels(model=label).inc(float(booking.cost))
+        for token_kind, count in booking.counts.as_dict().items():
+            if count:
+                token_usage_total.labels(model=label, type=token_kind).inc(count)
+
+    async def _after_decision(self, state, at):
+        self._state = state
+        self._hour_usd = state.hour_usd
+        if state.tripped:
+            await broadcast_breaker_open(state, at)
+
+    async def _settle(self, reservation, reference, counts_of):
+        at = self.timer()
+        if reservation.record_id is None:
+            # The hold was taken but its ledger row is not written yet (the database was
+            # away): write it now, so the exact usage has a row to replace.
+            reservation.record_id = await self._book_provisional(reservation, at)
+        booking = await self._settle_provisional(reservation, reference, counts_of, at)
+        self.reservation = None
+        if booking is None:
+            logger.info("replayed response %s (session %s): not booked", reference, self.session_id)
+            return self._outcome(None, booked=False, state=None, at=at), None
+        self._count_booking(booking, "response", reference)
+        self._cost += booking.cost
+        micro = to_micro(booking.cost)
+        state = await self.counters.asettle(
+            self.caps(at),
+            reservation.member,
+            micro,
+            entry_member(micro, booking.record_id),
+            self.budget,
+            at=at,
+        )
+        await self._after_decision(state, at)
+        return self._outcome(booking, booked=True, state=state, at=at), booking.counts
+
     async def _charge(self, kind, reference, model, counts_of):
         if self.session_id is None:
             raise RuntimeError("SessionMeter.open() must be awaited before charging")
@@ -450,14 +676,7 @@ class SessionMeter:
             logger.info("replayed %s %s (session %s): not booked", kind, reference, self.session_id)
             self._cost = max(self._cost, booking.session_cost)
             return self._outcome(booking, booked=False, state=None, at=at), None
-        rates = booking.rates
-        if rates.unknown:
-            warn_unknown(rates, f"{kind} {reference}")
-        label = rates.metric_model
-        api_cost_total_usd.labels(model=label).inc(float(booking.cost))
-        for token_kind, count in booking.counts.as_dict().items():
-            if count:
-                token_usage_total.labels(model=label, type=token_kind).inc(count)
+        self._count_booking(booking, kind, reference)
         self._cost += booking.cost
         micro = to_micro(booking.cost)
         state = await self.counters.acharge(
@@ -466,18 +685,16 @@ class SessionMeter:
             self.budget,
             member=entry_member(micro, booking.record_id),
             at=at,
+            caps=self.caps(at),
         )
-        self._hour_usd = state.hour_usd
-        if state.tripped:
-            await broadcast_breaker_open(state, at)
+        await self._after_decision(state, at)
         return self._outcome(booking, booked=True, state=state, at=at), booking.counts
 
     def _outcome(self, booking, *, booked, state, at):
+        # The ledger's total, not the shared counter's (which holds a running reservation).
         session_cost = self._cost
-        if state is not None:
-            session_cost = max(session_cost, state.session_usd)
         outcome = ChargeOutcome(
-            cost=booking.cost,
+            cost=booking.cost if booking is not None else Decimal(0),
             session_cost=session_cost,
             booked=booked,
             unknown_model=booked and booking.rates.unknown,
@@ -490,20 +707,19 @@ class SessionMeter:
                 outcome.warnings.append(
                     warning_event(
                         reason,
-                        f"This session has used {percent}% of its ${cap.quantize(_CENTS)} budget.",
+                        f"This session has used {percent}% of its {dollars(cap)} budget.",
                     )
                 )
+        outcome.warnings += self._limit_warnings(state)
         if session_cost >= cap:
             outcome.exceeded = exceeded_event(
-                "budget", f"This session has spent its ${cap.quantize(_CENTS)} budget.", 0
+                "budget", f"This session has spent its {dollars(cap)} budget.", 0
             )
             outcome.close_code = CLOSE_BUDGET
             self._count_exceeded("budget")
         elif state is not None and state.breaker_open:
             retry = max(1, state.breaker_retry_seconds(at))
-            outcome.exceeded = exceeded_event(
-                "breaker", BREAKER_MESSAGE.format(minutes=minutes_until(retry)), retry
-            )
+            outcome.exceeded = exceeded_event("breaker", breaker_message(retry), retry)
             outcome.close_code = CLOSE_PAUSED
             self._count_exceeded("breaker")
         if state is not None:
@@ -511,11 +727,43 @@ class SessionMeter:
             outcome.breaker_tripped = state.tripped
         return outcome
 
+    def _limit_warnings(self, state):
+        """``quota.warning`` at 50/80/95 % of the tightest spend limit, once each."""
+        tightest = state.tightest() if state is not None else None
+        if tightest is None or tightest[0].name == SESSION:
+            return []
+        cap, left = tightest
+        used = Decimal(cap.cap_micro - left) / cap.cap_micro
+        warnings = []
+        for share, suffix in (
+            (Decimal("0.95"), "95"),
+            (Decimal("0.80"), "80"),
+            (Decimal("0.50"), "50"),
+        ):
+            key = f"{cap.name}:{suffix}"
+            if used >= share and key not in self._sent:
+                self._sent.update(
+                    f"{cap.name}:{s}" for s in ("50", "80", "95") if int(s) <= int(suffix)
+                )
+                warnings.append(
+                    warning_event(
+                        f"{cap.reason}_{suffix}",
+                        f"You have used {suffix}% of the {dollars(cap.cap_micro / 1_000_000)} "
+                        f"spending limit '{cap.name}'.",
+                    )
+                )
+                break
+        return warnings
+
     def _count_exceeded(self, reason):
         key = f"exceeded:{reason}"
         if key not in self._sent:
             self._sent.add(key)
-            budget_exceeded_total.labels(reason=reason).inc()
+            count_refusal(reason)
+
+    def refusal(self, admission):
+        """The close code and ``quota.exceeded`` event of a refused reservation."""
+        return close_code_for(admission.reason), admission.event()
 
     # -- status and duration ------------------------------------------------------------------
 
@@ -528,12 +776,26 @@ class SessionMeter:
 
     def status(self):
         """The ``quota.status`` event for the browser."""
-        return {
+        event = {
             "type": "quota.status",
             "session_cost_usd": format_usd(self._cost),
             "session_cap_usd": format_usd(self.budget.session_cap_usd),
             "seconds_left": self.seconds_left(),
         }
+        tightest = self._state.tightest() if self._state is not None else None
+        if tightest is not None:
+            cap, left = tightest
+            if cap.name == SESSION:
+                # The ledger's spend, not the counter (which holds a running reservation).
+                left = max(0, cap.cap_micro - to_micro(self._cost))
+            event["limit_name"] = cap.name
+            event["limit_left_usd"] = format_usd(Decimal(left) / 1_000_000)
+        else:
+            event["limit_name"] = SESSION
+            event["limit_left_usd"] = format_usd(
+                max(Decimal(0), self.budget.session_cap_usd - self._cost)
+            )
+        return event
 
     def duration_events(self, now=None):
         """Duration warnings due now (5 min and 1 min before the cap, once each) and the
@@ -558,3 +820,18 @@ class SessionMeter:
             check.close_code = CLOSE_DURATION
             self._count_exceeded("duration")
         return check
+
+
+def end_session(session_id, ended_at, end_reason):
+    """Close a ledger session: ``ended_at``, ``end_reason`` and totals from its records (sync).
+
+    Returns 1 when it was open, 0 when it had been closed already."""
+    from .models import QuotaSession, UsageRecord
+
+    sums = UsageRecord.objects.filter(session_id=session_id).aggregate(
+        cost=Sum("cost_usd"), **{kind: Sum(kind) for kind in TOKEN_KINDS}
+    )
+    totals = {kind: sums[kind] or 0 for kind in TOKEN_KINDS}
+    return QuotaSession.objects.filter(pk=session_id, ended_at__isnull=True).update(
+        ended_at=ended_at, end_reason=end_reason, cost_usd=sums["cost"] or Decimal(0), **totals
+    )

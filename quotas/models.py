@@ -1,11 +1,13 @@
-"""Quota policies edited in the admin: rate-limit rules, model prices, budget policy."""
+"""Quota policies edited in the admin: rate-limit rules, model prices, tool prices, the budget
+policy and spend limits; the ledger of sessions and usage; bounded event records."""
 
 import re
 import uuid
 from decimal import Decimal
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.core.validators import MinValueValidator
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -143,6 +145,12 @@ class BudgetPolicy(models.Model):
     max_concurrent_sessions_per_client = models.PositiveIntegerField(
         default=2, validators=[MinValueValidator(1)]
     )
+    max_output_tokens_per_response = models.PositiveIntegerField(
+        default=1000,
+        validators=[MinValueValidator(1), MaxValueValidator(4096)],
+        help_text="Sent upstream as max_output_tokens: bounds each response's output, so its "
+        "worst-case cost is known before it starts (1-4096).",
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -180,6 +188,122 @@ class BudgetPolicy(models.Model):
                 )
         if errors:
             raise ValidationError(errors)
+
+    def warnings(self):
+        """Settings that are allowed but probably not meant (shown by the admin on save)."""
+        found = []
+        cap = self.session_cap_usd
+        if cap is not None and self.hourly_cap_usd is not None and cap > self.hourly_cap_usd:
+            found.append(
+                f"The session cap (${cap}) is above the hourly cap (${self.hourly_cap_usd}): "
+                "one session can spend the whole hour's budget."
+            )
+        threshold = self.breaker_threshold_usd
+        if cap is not None and threshold is not None and cap > threshold:
+            found.append(
+                f"The session cap (${cap}) is above the circuit-breaker threshold "
+                f"(${threshold}): one session can pause the service for everyone."
+            )
+        return found
+
+
+class SpendLimit(models.Model):
+    """At most ``cap_usd`` spent per key (client, user or everyone) per period.
+
+    ``rolling`` periods are a moving window of ``window_seconds``; ``day``, ``week`` (from
+    Monday) and ``month`` reset at local midnight in ``QUOTAS_BUDGET_TIMEZONE``. A limit with a
+    ``group`` is a tier: it applies only to signed-in members of that group and, for them,
+    replaces the limits of the same key and period that have no group (the most generous tier
+    wins when a user is in several).
+    """
+
+    class Key(models.TextChoices):
+        CLIENT = "client", "per client (address)"
+        USER = "user", "per signed-in user (client when anonymous)"
+        GLOBAL = "global", "everyone together"
+
+    class Period(models.TextChoices):
+        ROLLING = "rolling", "rolling window"
+        DAY = "day", "calendar day"
+        WEEK = "week", "calendar week (from Monday)"
+        MONTH = "month", "calendar month"
+
+    name = models.SlugField(max_length=64, unique=True)
+    key = models.CharField(max_length=16, choices=Key.choices, default=Key.CLIENT)
+    cap_usd = models.DecimalField(max_digits=12, decimal_places=6)
+    period = models.CharField(max_length=16, choices=Period.choices, default=Period.ROLLING)
+    window_seconds = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Length of a rolling window; only for rolling periods."
+    )
+    group = models.ForeignKey(
+        "auth.Group",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        help_text="A tier: only signed-in members of this group, in place of the untiered limit.",
+    )
+    alert_at_percent = models.PositiveSmallIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1), MaxValueValidator(99)],
+        help_text="Alert the operator once per key and window when spend passes this share.",
+    )
+    enabled = models.BooleanField(default=True)
+    shadow = models.BooleanField(default=False, help_text="Count, log and alert, but never refuse.")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["key", "name"]
+        constraints = [
+            models.CheckConstraint(condition=Q(cap_usd__gt=0), name="quotas_spendlimit_cap"),
+        ]
+
+    def __str__(self):
+        span = f"{self.window_seconds}s" if self.period == self.Period.ROLLING else self.period
+        tier = f" for {self.group}" if self.group_id else ""
+        return f"{self.name}: ${self.cap_usd} per {self.key} per {span}{tier}"
+
+    def clean(self):
+        errors = {}
+        if self.cap_usd is not None and self.cap_usd <= 0:
+            errors["cap_usd"] = "The cap must be more than $0."
+        if self.period == self.Period.ROLLING:
+            if not self.window_seconds:
+                errors["window_seconds"] = (
+                    "A rolling limit needs its window in seconds (e.g. 3600 for an hour)."
+                )
+        elif self.window_seconds:
+            errors["window_seconds"] = (
+                "Only rolling limits take a window; calendar periods reset at local midnight."
+            )
+        if self.alert_at_percent is not None and not 1 <= self.alert_at_percent <= 99:
+            errors["alert_at_percent"] = (
+                "Alert between 1 and 99 percent of the cap, or leave empty."
+            )
+        if errors:
+            raise ValidationError(errors)
+
+
+class ToolPrice(models.Model):
+    """USD per call of a server-side tool, billed on top of its tokens, from a date on."""
+
+    tool = models.CharField(max_length=64, db_index=True)
+    per_call_usd = models.DecimalField(
+        max_digits=12, decimal_places=6, validators=[MinValueValidator(0)]
+    )
+    effective_from = models.DateTimeField(default=timezone.now)
+    note = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["tool", "-effective_from"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tool", "effective_from"], name="quotas_toolprice_unique"
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.tool} ${self.per_call_usd}/call from {self.effective_from:%Y-%m-%d}"
 
 
 class PolicyVersion(models.Model):
@@ -222,14 +346,29 @@ class QuotaSession(TokenCounts):
         BREAKER = "breaker", "circuit breaker open"
         UPSTREAM_ERROR = "upstream_error", "upstream error"
         SERVER_SHUTDOWN = "server_shutdown", "server shutdown"
+        SERVER_CRASH = "server_crash", "server crashed (closed by the sweep)"
+        CLIENT_BUDGET = "client_budget", "client spend limit reached"
+        USER_BUDGET = "user_budget", "user spend limit reached"
+        GLOBAL_BUDGET = "global_budget", "global spend limit reached"
         IDLE = "idle", "idle"
         ERROR = "error", "error"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     client = models.CharField(max_length=100, db_index=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="quota_sessions",
+    )
     model = models.CharField(max_length=100)
     started_at = models.DateTimeField(default=timezone.now, db_index=True)
     ended_at = models.DateTimeField(null=True, blank=True)
+    # Refreshed by the running process; an open session whose heartbeat stopped belongs to a
+    # process that is gone (closed by ``quotas_close_stale`` as ``server_crash``).
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    slot = models.CharField(max_length=64, blank=True, help_text="Concurrent-session slot.")
     end_reason = models.CharField(max_length=32, choices=EndReason.choices, blank=True)
     cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
 
@@ -248,6 +387,7 @@ class UsageRecord(TokenCounts):
         RESPONSE = "response", "realtime response"
         TRANSCRIPTION = "transcription", "input transcription"
         TOOL = "tool", "tool call"
+        TOOL_FEE = "tool_fee", "tool call fee"
 
     session = models.ForeignKey(QuotaSession, on_delete=models.PROTECT, related_name="usage")
     kind = models.CharField(max_length=16, choices=Kind.choices)
@@ -256,6 +396,11 @@ class UsageRecord(TokenCounts):
     response_id = models.CharField(max_length=128)
     cost_usd = models.DecimalField(max_digits=12, decimal_places=6)
     unknown_model = models.BooleanField(default=False)
+    estimated = models.BooleanField(
+        default=False,
+        help_text="A reservation's worst case, booked before the response started; replaced "
+        "by the exact usage at response.done (kept if the server crashed first).",
+    )
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
 
     class Meta:

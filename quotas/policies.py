@@ -17,6 +17,7 @@ from asgiref.sync import sync_to_async
 from django.db import DatabaseError
 
 from .conf import quota_settings
+from .defaults import DEFAULT_BUDGET
 
 logger = logging.getLogger("quotas.policies")
 
@@ -56,14 +57,44 @@ class RuleSpec:
 
 @dataclass(frozen=True)
 class BudgetSpec:
-    """The active budget policy's caps."""
+    """The active budget policy's caps (defaults: ``quotas.defaults.DEFAULT_BUDGET``)."""
 
-    session_cap_usd: Decimal = Decimal("5.00")
-    session_max_seconds: int = 1800
-    hourly_cap_usd: Decimal = Decimal("50.00")
-    breaker_threshold_usd: Decimal = Decimal("100.00")
-    breaker_cooldown_seconds: int = 3600
-    max_concurrent_sessions_per_client: int = 2
+    session_cap_usd: Decimal = DEFAULT_BUDGET["session_cap_usd"]
+    session_max_seconds: int = DEFAULT_BUDGET["session_max_seconds"]
+    hourly_cap_usd: Decimal = DEFAULT_BUDGET["hourly_cap_usd"]
+    breaker_threshold_usd: Decimal = DEFAULT_BUDGET["breaker_threshold_usd"]
+    breaker_cooldown_seconds: int = DEFAULT_BUDGET["breaker_cooldown_seconds"]
+    max_concurrent_sessions_per_client: int = DEFAULT_BUDGET["max_concurrent_sessions_per_client"]
+    max_output_tokens_per_response: int = DEFAULT_BUDGET["max_output_tokens_per_response"]
+
+    FIELDS = (
+        "session_cap_usd",
+        "session_max_seconds",
+        "hourly_cap_usd",
+        "breaker_threshold_usd",
+        "breaker_cooldown_seconds",
+        "max_concurrent_sessions_per_client",
+        "max_output_tokens_per_response",
+    )
+
+
+@dataclass(frozen=True)
+class SpendLimitSpec:
+    """An enabled spend limit as the enforcement code sees it."""
+
+    name: str
+    key: str  # client | user | global
+    cap_usd: Decimal
+    period: str  # rolling | day | week | month
+    window_seconds: int | None = None
+    group_id: int | None = None
+    alert_at_percent: int | None = None
+    shadow: bool = False
+
+    @property
+    def signature(self):
+        """Limits with the same signature are alternatives: a tier replaces the untiered one."""
+        return (self.key, self.period, self.window_seconds if self.period == "rolling" else None)
 
 
 @dataclass(frozen=True)
@@ -73,6 +104,7 @@ class PolicySnapshot:
     version: int
     rules: tuple = ()
     budget: BudgetSpec = field(default_factory=BudgetSpec)
+    spend_limits: tuple = ()
 
     def rules_for(self, scope, target):
         """The rules a hit on ``target`` counts against, most specific first.
@@ -95,7 +127,7 @@ class PolicySnapshot:
 
 def load_snapshot():
     """Read policies from the database (sync; call through ``sync_to_async`` from async code)."""
-    from .models import BudgetPolicy, PolicyVersion, RateLimitRule
+    from .models import BudgetPolicy, PolicyVersion, RateLimitRule, SpendLimit
 
     version = PolicyVersion.objects.filter(pk=1).values_list("version", flat=True).first() or 0
     rules = tuple(
@@ -113,15 +145,21 @@ def load_snapshot():
     policy = BudgetPolicy.objects.filter(active=True).first()
     budget = BudgetSpec()
     if policy is not None:
-        budget = BudgetSpec(
-            session_cap_usd=policy.session_cap_usd,
-            session_max_seconds=policy.session_max_seconds,
-            hourly_cap_usd=policy.hourly_cap_usd,
-            breaker_threshold_usd=policy.breaker_threshold_usd,
-            breaker_cooldown_seconds=policy.breaker_cooldown_seconds,
-            max_concurrent_sessions_per_client=policy.max_concurrent_sessions_per_client,
+        budget = BudgetSpec(**{name: getattr(policy, name) for name in BudgetSpec.FIELDS})
+    spend_limits = tuple(
+        SpendLimitSpec(
+            name=limit.name,
+            key=limit.key,
+            cap_usd=limit.cap_usd,
+            period=limit.period,
+            window_seconds=limit.window_seconds,
+            group_id=limit.group_id,
+            alert_at_percent=limit.alert_at_percent,
+            shadow=limit.shadow,
         )
-    return PolicySnapshot(version=version, rules=rules, budget=budget)
+        for limit in SpendLimit.objects.filter(enabled=True).order_by("name")
+    )
+    return PolicySnapshot(version=version, rules=rules, budget=budget, spend_limits=spend_limits)
 
 
 def read_version():

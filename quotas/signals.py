@@ -1,4 +1,4 @@
-"""On every rule, price or budget policy change: bump the policy version and record history.
+"""On every policy change (rule, price, budget, spend limit): bump the version, record history.
 
 The version bump makes every process reload its snapshot. The history (``PolicyChange``)
 keeps who changed what, with the fields before and after. The admin names the user through
@@ -17,7 +17,15 @@ from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
 from django.utils import timezone
 
-from .models import BudgetPolicy, ModelPrice, PolicyChange, PolicyVersion, RateLimitRule
+from .models import (
+    BudgetPolicy,
+    ModelPrice,
+    PolicyChange,
+    PolicyVersion,
+    RateLimitRule,
+    SpendLimit,
+    ToolPrice,
+)
 from .policies import policy_cache
 
 SYSTEM_ACTOR = "system"
@@ -77,6 +85,8 @@ def record_policy_change(instance, action, before, after):
 @receiver(pre_save, sender=RateLimitRule)
 @receiver(pre_save, sender=ModelPrice)
 @receiver(pre_save, sender=BudgetPolicy)
+@receiver(pre_save, sender=SpendLimit)
+@receiver(pre_save, sender=ToolPrice)
 def remember_policy_before(sender, instance, raw=False, **kwargs):
     """Keep the stored fields of an object about to be saved, for its history row."""
     before = None
@@ -89,9 +99,13 @@ def remember_policy_before(sender, instance, raw=False, **kwargs):
 @receiver(post_save, sender=RateLimitRule)
 @receiver(post_save, sender=ModelPrice)
 @receiver(post_save, sender=BudgetPolicy)
+@receiver(post_save, sender=SpendLimit)
+@receiver(post_save, sender=ToolPrice)
 @receiver(post_delete, sender=RateLimitRule)
 @receiver(post_delete, sender=ModelPrice)
 @receiver(post_delete, sender=BudgetPolicy)
+@receiver(post_delete, sender=SpendLimit)
+@receiver(post_delete, sender=ToolPrice)
 def policy_changed(sender, instance=None, created=False, raw=False, **kwargs):
     bump_policy_version()
     if instance is None or raw:

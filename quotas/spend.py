@@ -1,35 +1,45 @@
-"""Shared spend counters: each session's total, the rolling-hour total and the circuit breaker.
+"""The spend engine: every cap's counter, reservations, settlements and the circuit breaker.
 
-Amounts are integer micro-USD. One charge is one Redis round trip (a Lua script) that forgets
-spend older than the window, adds the amount to the session and to the rolling hour, evaluates
-the breaker and returns the totals, so decisions are race-free across instances.
+Amounts are integer micro-USD. One decision is one Redis round trip (``lua/spend.lua``) over
+every cap that applies (``quotas.caps``: the session, each spend limit, the rolling hour),
+so decisions are race-free across instances. Without Redis, or while it is down, the same
+semantics run in process (``LocalSpend``, the twin a property test holds to the script).
 
-Rolling hour: a sorted set of entries ``"<micro>:<entry id>"`` scored by their time (ms) plus a
-running total. Each script first removes the entries at or before ``now - 3600 s`` and
-subtracts them from the total (every entry is added once and removed once: amortised O(1)),
-so the total is exactly the spend in ``(now - 3600 s, now]``. The entry id is the ledger row's
-id, which makes a charge idempotent and lets ``rebuild_from_ledger`` replay the ledger into
+Each cap is a counter: a sorted set of entries ``"<micro>:<id>"`` scored by their time (ms)
+plus a running total. A rolling counter first forgets the entries at or before
+``now - window`` (each entry is added once and removed once: amortised O(1)); a calendar or
+session counter keeps every entry until its key expires. The id of an entry is its ledger
+row's id, so adding is idempotent and ``rebuild_from_ledger`` can replay the ledger into
 Redis after an outage without counting anything twice.
 
-Breaker state machine (one shared hash; absent means closed):
-- closed    -> open       a charge leaves the rolling hour >= ``breaker_threshold_usd``
+Operations (one script, ``op``):
+- ``reserve``  the worst case of a response about to start: refused (nothing written) when it
+               would take any non-shadow cap past its cap, or while the breaker is open; else
+               the entry is added to every counter. A running reservation counts against
+               every cap, on every instance, until it is settled.
+- ``settle``   replace the reservation's entry by the exact cost's (same ledger row).
+- ``release``  remove a reservation whose response never started.
+- ``charge``   add a cost that was not reserved (transcriptions, tools); never refused.
+- ``admit``    may a new session start: refused when a cap has nothing left or the breaker is
+               open; ``retry_after`` is when enough spend leaves the window (rolling), the
+               period resets (calendar), or the breaker turns half-open.
+- ``read``     totals and breaker state only.
+
+Breaker state machine (one shared hash; absent means closed), watching the rolling hour:
+- closed    -> open       a charge or settlement leaves the rolling hour >= the threshold
                           (``until = now + breaker_cooldown_seconds``; ``tripped`` is reported
                           once, to the charger, who broadcasts it on ``quotas.breaker``)
-- open      -> half_open  at the first evaluation at or after ``until`` (charges while open
-                          are counted but do not extend the cool-down)
+- open      -> half_open  at the first evaluation at or after ``until``
 - half_open -> open       a charge leaves the rolling hour >= the threshold (new cool-down)
 - half_open -> closed     an evaluation finds the rolling hour below the threshold
-- any       -> closed     ``reset_breaker()`` (admin action); a later charge while the hour is
-                          still over the threshold opens it again.
-New sessions are admitted while closed or half_open (and the rolling hour is under the hourly
-cap); an open breaker ends every running session.
+- any       -> closed     ``reset_breaker()`` (admin action).
 
-Redis not configured, or down: the same semantics in process (``LocalSpend``), seeded from the
-ledger when this process starts using it. Charges are always counted (money is never
-ignored); ``QUOTAS_FAIL_MODE`` only decides admission while Redis is down: ``local`` uses the
-in-process twin, ``open`` admits, ``closed`` refuses (reason ``breaker``). When Redis comes
-back (``SharedRedis.on_recovery``), the ledger's last hour and open sessions are replayed into
-Redis; the database is the source of truth for money.
+Redis not configured, or down: ``LocalSpend``, seeded from the ledger when this process
+starts using it. Costs are always counted (money is never ignored); ``QUOTAS_FAIL_MODE`` only
+decides admissions and reservations while Redis is down: ``local`` uses the in-process twin,
+``open`` allows, ``closed`` refuses (reason ``breaker``). When Redis comes back
+(``SharedRedis.on_recovery``), the ledger is replayed into Redis; the database is the source
+of truth for money.
 """
 
 import asyncio
@@ -41,165 +51,63 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 from channels.db import database_sync_to_async
 
+from .caps import HOUR_SECONDS, HOURLY, SESSION, CapSet, Identity, hourly_cap, session_cap
+from .caps import spend_caps as build_caps
 from .conf import quota_settings
 from .metrics import circuit_breaker_open, hourly_cost_usd
 from .notifications import spend_notifier
 from .pricing import MICRO_PER_USD, from_micro, timestamp_to_datetime, to_micro
+from .protocol import breaker_message, refusal_message
 from .redis_client import REDIS_ERRORS, shared_redis
 
 logger = logging.getLogger("quotas.spend")
 
-WINDOW_SECONDS = 3600
+WINDOW_SECONDS = HOUR_SECONDS
 BREAKER_GROUP = "quotas.breaker"
 BREAKER_EVENT = "quotas.breaker_open"
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
-REBUILD_BATCH = 1000
+REPLAY_BATCH = 1000
+OPS = ("read", "admit", "reserve", "charge", "settle", "release")
+_LUA = Path(__file__).with_name("lua")
+SPEND_LUA = (_LUA / "spend.lua").read_text()
+REPLAY_LUA = (_LUA / "spend_replay.lua").read_text()
 
-_SPEND_COMMON_LUA = """
-local function forget_expired(total_key, entries_key, floor)
-  local total = tonumber(redis.call('GET', total_key) or '0')
-  local expired = redis.call('ZRANGEBYSCORE', entries_key, '-inf', floor)
-  if #expired > 0 then
-    for _, m in ipairs(expired) do total = total - tonumber(string.match(m, '^(%d+):')) end
-    redis.call('ZREMRANGEBYSCORE', entries_key, '-inf', floor)
-  end
-  return total
-end
 
-local function settle(total_key, entries_key, breaker_key, total, now, threshold, cooldown,
-                      may_trip)
-  if redis.call('ZCARD', entries_key) == 0 then total = 0 end
-  redis.call('SET', total_key, total)
-  local state = redis.call('HGET', breaker_key, 'state') or 'closed'
-  local before = state
-  local until_ms = tonumber(redis.call('HGET', breaker_key, 'until') or '0')
-  local tripped = 0
-  if state == 'open' and now >= until_ms then
-    state = 'half_open'
-    redis.call('HSET', breaker_key, 'state', state)
-  end
-  if may_trip and state ~= 'open' and total >= threshold then
-    state = 'open'
-    until_ms = now + cooldown
-    tripped = 1
-    redis.call('HSET', breaker_key, 'state', state, 'until', until_ms, 'opened_at', now)
-  end
-  if state == 'half_open' and total < threshold then
-    state = 'closed'
-    redis.call('DEL', breaker_key)
-  end
-  return total, state, tripped, until_ms, before
-end
-"""
+def entry_member(micro, entry_id):
+    """A counter entry: its amount and a unique id (the ledger row's)."""
+    return f"{int(micro)}:{entry_id}"
 
-# KEYS: session total, hour total, hour entries, breaker.
-# ARGV: now_ms, amount, member, window_ms, threshold, cooldown_ms, session_ttl, mode, hourly_cap.
-# mode: "charge" adds the amount; "read" only evaluates; "admit" also computes how long until
-# the rolling hour is back under the hourly cap.
-# Returns {session, hour, state, tripped, until_ms, added, hourly_retry_ms, state_before}.
-CHARGE_LUA = (
-    _SPEND_COMMON_LUA
-    + """
-local now = tonumber(ARGV[1])
-local amount = tonumber(ARGV[2])
-local window = tonumber(ARGV[4])
-local mode = ARGV[8]
-local hourly_cap = tonumber(ARGV[9])
-local total = forget_expired(KEYS[2], KEYS[3], now - window)
-local added = 0
-if mode == 'charge' and amount > 0 then
-  if redis.call('ZADD', KEYS[3], 'NX', now, ARGV[3]) == 1 then
-    added = 1
-    total = total + amount
-    redis.call('INCRBY', KEYS[1], amount)
-    redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
-  end
-end
-local state, tripped, until_ms, before
-total, state, tripped, until_ms, before = settle(KEYS[2], KEYS[3], KEYS[4], total, now,
-  tonumber(ARGV[5]), tonumber(ARGV[6]), added == 1)
-local retry = 0
-if mode == 'admit' and total >= hourly_cap then
-  local need = total - hourly_cap
-  local gone = 0
-  local start = 0
-  while retry == 0 do
-    local batch = redis.call('ZRANGE', KEYS[3], start, start + 127, 'WITHSCORES')
-    if #batch == 0 then break end
-    for i = 1, #batch, 2 do
-      gone = gone + tonumber(string.match(batch[i], '^(%d+):'))
-      if gone > need then
-        retry = tonumber(batch[i + 1]) + window - now
-        break
-      end
-    end
-    start = start + 128
-  end
-end
-local session = tonumber(redis.call('GET', KEYS[1]) or '0')
-return {session, total, state, tripped, until_ms, added, retry, before}
-"""
-)
 
-# KEYS: hour total, hour entries, breaker, then one key per open session.
-# ARGV: now_ms, window_ms, threshold, cooldown_ms, session_ttl, entry count, then per entry
-# (score_ms, member, session index or 0), then per session key its ledger total.
-# Replays ledger entries missing from Redis (exactly once, by member) and raises each open
-# session's total to at least its ledger total.
-REBUILD_LUA = (
-    _SPEND_COMMON_LUA
-    + """
-local now = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local ttl = tonumber(ARGV[5])
-local count = tonumber(ARGV[6])
-local floor = now - window
-local total = forget_expired(KEYS[1], KEYS[2], floor)
-for i = 0, count - 1 do
-  local base = 7 + i * 3
-  local score = tonumber(ARGV[base])
-  local member = ARGV[base + 1]
-  local index = tonumber(ARGV[base + 2])
-  if score > floor and redis.call('ZADD', KEYS[2], 'NX', score, member) == 1 then
-    local amount = tonumber(string.match(member, '^(%d+):'))
-    total = total + amount
-    if index > 0 then
-      redis.call('INCRBY', KEYS[3 + index], amount)
-      redis.call('EXPIRE', KEYS[3 + index], ttl)
-    end
-  end
-end
-local offset = 7 + count * 3
-for j = 4, #KEYS do
-  local ledger = tonumber(ARGV[offset + j - 4])
-  local current = tonumber(redis.call('GET', KEYS[j]) or '0')
-  if current < ledger then redis.call('SET', KEYS[j], ledger) end
-  redis.call('EXPIRE', KEYS[j], ttl)
-end
-local state, tripped, until_ms
-total, state, tripped, until_ms = settle(KEYS[1], KEYS[2], KEYS[3], total, now,
-  tonumber(ARGV[3]), tonumber(ARGV[4]), true)
-return {total, state, tripped, until_ms}
-"""
-)
+def member_amount(member):
+    """The micro-USD amount an entry carries."""
+    return int(member.split(":", 1)[0])
+
+
+def _ms(timestamp):
+    return round(timestamp * 1000)
 
 
 @dataclass(frozen=True)
 class SpendState:
-    """Totals and breaker state after one evaluation (amounts in micro-USD)."""
+    """Totals and breaker state after one decision (amounts in micro-USD)."""
 
     session_micro: int
     hour_micro: int
     breaker: str
-    tripped: bool  # this evaluation opened the breaker
+    tripped: bool  # this decision opened the breaker
     breaker_until: float  # POSIX seconds when an open breaker turns half-open
-    added: bool  # the charge was counted (False: replayed entry, or not a charge)
-    hourly_retry_seconds: float  # admission only: until the hour is back under the cap
+    added: bool  # the entry was counted (False: replayed entry, refused, or no entry)
+    retry_seconds: float  # a refusal: until it would be allowed (0: not by waiting)
     engine: str  # "redis" | "local"
-    breaker_before: str = ""  # the breaker state before this evaluation (transitions)
+    breaker_before: str = ""  # the breaker state before this decision (transitions)
+    allowed: bool = True
+    refused: object = None  # the Cap that refused (None: allowed, or the breaker)
+    totals: tuple = ()  # (Cap, micro) per cap of the decision
+    over: tuple = ()  # the caps a reserve/admit found over (shadow ones included)
 
     @property
     def session_usd(self):
@@ -213,6 +121,28 @@ class SpendState:
     def breaker_open(self):
         return self.breaker == OPEN
 
+    @property
+    def refused_by_breaker(self):
+        return not self.allowed and self.refused is None
+
+    @property
+    def reason(self):
+        """The refusal reason (``budget``, ``client_budget``, ... ``breaker``), or None."""
+        if self.allowed:
+            return None
+        return "breaker" if self.refused is None else self.refused.reason
+
+    @property
+    def hourly_retry_seconds(self):
+        return self.retry_seconds
+
+    def total_of(self, name):
+        """The total of the cap called ``name`` (0 when the decision had no such cap)."""
+        for cap, micro in self.totals:
+            if cap.name == name:
+                return micro
+        return 0
+
     def session_over(self, budget):
         """True when the session has spent its cap."""
         return self.session_micro >= to_micro(budget.session_cap_usd)
@@ -224,10 +154,21 @@ class SpendState:
     def breaker_retry_seconds(self, now):
         return max(0, math.ceil(self.breaker_until - now)) if self.breaker_open else 0
 
+    def tightest(self):
+        """(cap, micro left) of the enforced cap with the least left, or None."""
+        best = None
+        for cap, micro in self.totals:
+            if cap.cap_micro <= 0 or cap.shadow:
+                continue
+            left = max(0, cap.cap_micro - micro)
+            if best is None or left < best[1]:
+                best = (cap, left)
+        return best
+
 
 @dataclass(frozen=True)
 class Admission:
-    """Whether a new session may start; ``reason`` is ``hourly_cap`` or ``breaker`` when not."""
+    """Whether a session or response may start; ``reason`` names the cap when not."""
 
     allowed: bool
     reason: str | None = None
@@ -237,166 +178,247 @@ class Admission:
 
     def event(self):
         """The ``quota.exceeded`` event for a refusal."""
-        return {
-            "type": "quota.exceeded",
-            "reason": self.reason,
-            "message": self.message,
-            "retry_after": self.retry_after,
-        }
+        from .protocol import exceeded_event
+
+        return exceeded_event(self.reason, self.message, self.retry_after)
 
 
-HOURLY_CAP_MESSAGE = (
-    "DUCK-E has reached its spending limit for this hour. Please try again in {minutes} min."
-)
-BREAKER_MESSAGE = (
-    "DUCK-E is paused because spending rose unusually fast. Please try again in {minutes} min."
-)
+# -- the in-process twin ------------------------------------------------------------------------
 
 
-def minutes_until(seconds):
-    """Whole minutes (at least 1) for a wait of ``seconds``, for messages."""
-    return max(1, math.ceil(seconds / 60))
+class _LocalCounter:
+    """One counter of the twin: entries by member, a heap by score, the running total."""
 
+    __slots__ = ("entries", "expires_at", "heap", "total")
 
-def _limits(budget):
-    return (
-        to_micro(budget.breaker_threshold_usd),
-        int(budget.breaker_cooldown_seconds) * 1000,
-        to_micro(budget.hourly_cap_usd),
-        int(budget.session_max_seconds) + 2 * WINDOW_SECONDS,
-    )
+    def __init__(self):
+        self.entries = {}  # member -> score
+        self.heap = []  # (score, member); entries removed early stay until popped
+        self.total = 0
+        self.expires_at = 0
 
+    def forget_before(self, floor):
+        heap, entries = self.heap, self.entries
+        while heap and heap[0][0] <= floor:
+            score, member = heapq.heappop(heap)
+            if entries.get(member) == score:
+                del entries[member]
+                self.total -= member_amount(member)
 
-def _ms(timestamp):
-    return round(timestamp * 1000)
+    def add(self, score, member):
+        if member in self.entries:
+            return False
+        self.entries[member] = score
+        heapq.heappush(self.heap, (score, member))
+        self.total += member_amount(member)
+        return True
+
+    def remove(self, member):
+        if self.entries.pop(member, None) is None:
+            return False
+        self.total -= member_amount(member)
+        return True
+
+    def retry_ms(self, cap, now, extra):
+        if cap.resets_at:
+            return _ms(cap.resets_at) - now
+        if not cap.window_ms:
+            return 0
+        need = self.total + extra - cap.cap_micro + (0 if extra else 1)
+        gone = 0
+        for score, member in sorted((s, m) for m, s in self.entries.items()):
+            gone += member_amount(member)
+            if gone >= need:
+                return score + cap.window_ms - now
+        return cap.window_ms
 
 
 class LocalSpend:
-    """The in-process twin of the Redis counters (same semantics, one lock)."""
+    """The in-process twin of ``lua/spend.lua`` (same semantics, one lock)."""
 
     engine = "local"
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.sessions = {}
-        self._entries = []  # heap of (score_ms, member, micro)
-        self._members = set()
-        self.hour_micro = 0
+        self.counters = {}
         self.breaker = CLOSED
         self.until_ms = 0
+        self._calls = 0
 
-    def _forget_expired(self, floor):
-        entries = self._entries
-        while entries and entries[0][0] <= floor:
-            _, member, micro = heapq.heappop(entries)
-            self._members.discard(member)
-            self.hour_micro -= micro
+    def _counter(self, cap, now):
+        counter = self.counters.get(cap.key)
+        if counter is None:
+            counter = self.counters[cap.key] = _LocalCounter()
+        if cap.window_ms:
+            counter.forget_before(now - cap.window_ms)
+        return counter
 
-    def _settle(self, now, threshold, cooldown, may_trip):
-        if not self._entries:
-            self.hour_micro = 0
-        tripped = False
-        if self.breaker == OPEN and now >= self.until_ms:
-            self.breaker = HALF_OPEN
-        if may_trip and self.breaker != OPEN and self.hour_micro >= threshold:
-            self.breaker, self.until_ms, tripped = OPEN, now + cooldown, True
-        if self.breaker == HALF_OPEN and self.hour_micro < threshold:
-            self.breaker, self.until_ms = CLOSED, 0
-        return tripped
+    def _expire_idle(self, now):
+        # Like Redis key expiry: only memory, never a decision (keys outlive their windows).
+        for key in [k for k, c in self.counters.items() if c.expires_at and c.expires_at < now]:
+            del self.counters[key]
 
-    def _add(self, score, member, micro, session_id):
-        if member in self._members:
-            return False
-        heapq.heappush(self._entries, (score, member, micro))
-        self._members.add(member)
-        self.hour_micro += micro
-        if session_id is not None:
-            self.sessions[session_id] = self.sessions.get(session_id, 0) + micro
-        return True
-
-    def evaluate(self, now, session_id, amount, member, budget, mode):
-        """Mirror of ``CHARGE_LUA``."""
-        threshold, cooldown, hourly_cap, _ = _limits(budget)
+    def decide(self, op, caps, now, amount, add_member, remove_member, threshold, cooldown):
+        """Mirror of ``lua/spend.lua``; returns the reply in the script's shape."""
         with self._lock:
+            self._calls += 1
+            if self._calls % 1000 == 0:
+                self._expire_idle(now)
+            counters = [self._counter(cap, now) for cap in caps]
+            touched = [False] * len(counters)
+            if op in ("settle", "release") and remove_member:
+                for i, counter in enumerate(counters):
+                    touched[i] = counter.remove(remove_member)
             before = self.breaker
-            self._forget_expired(now - WINDOW_SECONDS * 1000)
-            added = False
-            if mode == "charge" and amount > 0:
-                added = self._add(now, member, amount, session_id)
-            tripped = self._settle(now, threshold, cooldown, added)
-            retry = 0
-            if mode == "admit" and self.hour_micro >= hourly_cap:
-                need, gone = self.hour_micro - hourly_cap, 0
-                for score, _, micro in sorted(self._entries):
-                    gone += micro
-                    if gone > need:
-                        retry = score + WINDOW_SECONDS * 1000 - now
-                        break
-            return SpendState(
-                session_micro=self.sessions.get(session_id, 0),
-                hour_micro=self.hour_micro,
-                breaker=self.breaker,
-                tripped=tripped,
-                breaker_until=self.until_ms / 1000.0,
-                added=added,
-                hourly_retry_seconds=retry / 1000.0,
-                engine=self.engine,
-                breaker_before=before,
-            )
+            if self.breaker == OPEN and now >= self.until_ms:
+                self.breaker = HALF_OPEN
+            allowed, refused, retry = 1, 0, 0
+            over = [0] * len(counters)
+            extra = amount if op == "reserve" else 0
+            if op in ("admit", "reserve"):
+                for i, (cap, counter) in enumerate(zip(caps, counters, strict=True)):
+                    if cap.cap_micro <= 0:
+                        continue
+                    if op == "reserve":
+                        is_over = counter.total + extra > cap.cap_micro
+                    else:
+                        is_over = counter.total >= cap.cap_micro
+                    if is_over:
+                        over[i] = 1
+                        if not cap.shadow and allowed and self.breaker != OPEN:
+                            allowed, refused = 0, i + 1
+                            retry = counter.retry_ms(cap, now, extra)
+                if self.breaker == OPEN:
+                    allowed, refused, retry = 0, -1, self.until_ms - now
+            added = 0
+            if allowed and op in ("reserve", "charge", "settle") and amount > 0 and add_member:
+                for i, counter in enumerate(counters):
+                    if counter.add(now, add_member):
+                        touched[i] = True
+                        added = 1
+            for cap, counter, changed in zip(caps, counters, touched, strict=True):
+                if changed:
+                    counter.expires_at = now + cap.ttl_seconds * 1000
+            tripped = 0
+            hour = caps.index(HOURLY)
+            if hour >= 0:
+                total = counters[hour].total
+                if added and op != "reserve" and self.breaker != OPEN and total >= threshold:
+                    self.breaker, self.until_ms, tripped = OPEN, now + cooldown, 1
+                if self.breaker == HALF_OPEN and total < threshold:
+                    self.breaker, self.until_ms = CLOSED, 0
+            return [
+                allowed,
+                refused,
+                retry,
+                self.breaker,
+                tripped,
+                self.until_ms,
+                before,
+                added,
+                *(counter.total for counter in counters),
+                *over,
+            ]
 
-    def load(self, now, entries, sessions, budget):
-        """Replay ledger ``entries`` (score_ms, member, micro, session_id) and session totals."""
-        threshold, cooldown, _, _ = _limits(budget)
+    def replay(self, cap, now, entries):
+        """Add ledger ``entries`` (score_ms, member) to one counter, each at most once."""
         with self._lock:
-            self._forget_expired(now - WINDOW_SECONDS * 1000)
-            for score, member, micro, session_id in entries:
-                if score > now - WINDOW_SECONDS * 1000:
-                    self._add(score, member, micro, session_id)
-            for session_id, micro in sessions.items():
-                if self.sessions.get(session_id, 0) < micro:
-                    self.sessions[session_id] = micro
-            self._settle(now, threshold, cooldown, True)
+            counter = self._counter(cap, now)
+            for score, member in entries:
+                if not cap.window_ms or score > now - cap.window_ms:
+                    counter.add(score, member)
+            counter.expires_at = now + cap.ttl_seconds * 1000
+            return counter.total
 
     def reset_breaker(self):
         with self._lock:
             self.breaker, self.until_ms = CLOSED, 0
 
-    def forget_session(self, session_id):
+    def forget_session(self, key):
         with self._lock:
-            self.sessions.pop(session_id, None)
+            self.counters.pop(key, None)
 
 
-def ledger_snapshot(now, budget):
-    """The ledger's spend in the last hour and its open sessions' totals (sync)."""
+# -- the ledger, for seeding the twin and rebuilding Redis --------------------------------------
+
+
+def ledger_entries(now, snapshot, prefix, tz):
+    """Every counter's entries as the ledger has them: {Cap: [(score_ms, member), ...]} (sync).
+
+    Which counters a row belongs to follows from its session's identity (client, user and
+    the user's groups now) and today's policies; open sessions get their own counters too.
+    """
+    from django.contrib.auth.models import Group
     from django.db.models import Q
 
+    from .caps import limit_cap
     from .models import QuotaSession, UsageRecord
 
-    since = timestamp_to_datetime(now - WINDOW_SECONDS)
-    horizon = max(int(budget.session_max_seconds), WINDOW_SECONDS) + 60
-    open_sessions = {
-        str(pk): to_micro(cost)
-        for pk, cost in QuotaSession.objects.filter(
-            Q(ended_at__isnull=True) | Q(ended_at__gt=since),
+    budget = snapshot.budget
+    lookback = HOUR_SECONDS
+    probe = Identity(client="-", user_id=0)
+    for limit in snapshot.spend_limits:
+        cap = limit_cap(limit, probe, now, prefix=prefix, tz=tz)
+        lookback = max(lookback, cap.window_ms / 1000 if cap.window_ms else now - cap.starts_at)
+    since = timestamp_to_datetime(now - lookback)
+    horizon = max(int(budget.session_max_seconds), HOUR_SECONDS) + 60
+    open_ids = set(
+        QuotaSession.objects.filter(
+            Q(ended_at__isnull=True) | Q(ended_at__gt=timestamp_to_datetime(now - HOUR_SECONDS)),
             started_at__gt=timestamp_to_datetime(now) - timedelta(seconds=horizon),
-        ).values_list("id", "cost_usd")
-    }
-    entries = [
-        (_ms(created_at.timestamp()), entry_member(to_micro(cost), pk), to_micro(cost), str(sid))
-        for pk, created_at, cost, sid in UsageRecord.objects.filter(created_at__gt=since)
+        ).values_list("id", flat=True)
+    )
+    rows = list(
+        UsageRecord.objects.filter(Q(created_at__gt=since) | Q(session_id__in=open_ids))
         .order_by("created_at")
-        .values_list("pk", "created_at", "cost_usd", "session_id")
-    ]
-    return entries, open_sessions
+        .values_list(
+            "pk",
+            "created_at",
+            "cost_usd",
+            "session_id",
+            "session__client",
+            "session__user",
+            "estimated",
+            "response_id",
+        )
+    )
+    users = {row[5] for row in rows if row[5] is not None}
+    groups = {}
+    for user_id, group_id in Group.user_set.through.objects.filter(user_id__in=users).values_list(
+        "user_id", "group_id"
+    ):
+        groups.setdefault(user_id, set()).add(group_id)
+    entries = {}
+    cap_sets = {}
+    for pk, created_at, cost, session_id, client, user_id, estimated, reference in rows:
+        micro = to_micro(cost)
+        if micro <= 0:
+            continue
+        at = created_at.timestamp()
+        # A provisional row is the hold itself (its entry is named by its reference).
+        member = entry_member(micro, reference if estimated else pk)
+        identity = (client, user_id)
+        caps = cap_sets.get(identity)
+        if caps is None:
+            who = Identity(client, user_id, frozenset(groups.get(user_id, ())))
+            caps = cap_sets[identity] = build_caps(
+                budget, snapshot.spend_limits, who, now, prefix=prefix, tz=tz
+            )
+        chosen = list(caps)
+        if session_id in open_ids:
+            chosen.append(session_cap(budget, session_id, prefix=prefix))
+        for cap in chosen:
+            if cap.name == SESSION or cap.counts_entry_at(at, now):
+                entries.setdefault(cap, []).append((_ms(at), member))
+    entries.setdefault(hourly_cap(budget, prefix=prefix), [])
+    return entries
 
 
-def entry_member(micro, entry_id):
-    """The rolling-hour entry of one charge: its amount and a unique id (the ledger row)."""
-    return f"{int(micro)}:{entry_id}"
+# -- the engine ---------------------------------------------------------------------------------
 
 
 class SpendCounters:
-    """Charges, admission checks and the breaker, on Redis when up, else in process."""
+    """Spend decisions on Redis when up, else in process; one per process (``spend_counters``)."""
 
     def __init__(self, link=None, *, timer=time.time, fail_mode=None, prefix=None, ledger=True):
         self.link = link
@@ -411,8 +433,6 @@ class SpendCounters:
         if link is not None and ledger:
             link.on_recovery(self._on_redis_recovery)
 
-    # -- keys and scripts ------------------------------------------------------------------
-
     @property
     def prefix(self):
         return self._prefix or quota_settings.KEY_PREFIX
@@ -421,50 +441,164 @@ class SpendCounters:
     def fail_mode(self):
         return self._fail_mode or quota_settings.FAIL_MODE
 
-    def _keys(self, session_id):
-        base = f"{self.prefix}:spend"
-        return [
-            f"{base}:session:{session_id or '-'}",
-            f"{base}:hour",
-            f"{base}:hour:entries",
-            f"{base}:breaker",
+    # -- caps ---------------------------------------------------------------------------------
+
+    def caps_for(self, budget, identity=None, *, limits=(), session_id=None, at=None):
+        """The caps of a decision for ``identity`` (and ``session_id``) at ``at``."""
+        now = self.timer() if at is None else at
+        identity = identity or Identity(client="-")
+        return build_caps(
+            budget,
+            limits,
+            identity,
+            now,
+            prefix=self.prefix,
+            tz=quota_settings.budget_timezone,
+            session_id=session_id,
+        )
+
+    def _legacy_caps(self, budget, session_id, at):
+        """The session (when given) and the rolling hour: decisions that know no identity."""
+        caps = [hourly_cap(budget, prefix=self.prefix)]
+        if session_id is not None:
+            caps.insert(0, session_cap(budget, session_id, prefix=self.prefix))
+        return CapSet(tuple(caps))
+
+    # -- one decision: plan, parse, and the single I/O call ------------------------------------
+
+    def _plan(self, op, caps, budget, amount, add_member, remove_member, now):
+        if op not in OPS:
+            raise ValueError(f"unknown spend operation {op!r}")
+        keys = [f"{self.prefix}:spend:breaker"]
+        args = [
+            op,
+            now,
+            int(amount),
+            add_member or "",
+            remove_member or "",
+            to_micro(budget.breaker_threshold_usd),
+            int(budget.breaker_cooldown_seconds) * 1000,
+            caps.index(HOURLY) + 1,
+            len(caps),
         ]
+        for cap in caps:
+            keys += [cap.key, cap.total_key]
+            args += [
+                cap.window_ms,
+                cap.cap_micro,
+                cap.ttl_seconds,
+                1 if cap.shadow else 0,
+                _ms(cap.resets_at) if cap.resets_at else 0,
+            ]
+        return keys, args
+
+    @staticmethod
+    def _parse(reply, caps, engine):
+        n = len(caps)
+        allowed, refused, retry, state, tripped, until_ms, before, added = reply[:8]
+        totals = [int(value) for value in reply[8 : 8 + n]]
+        over = [int(value) for value in reply[8 + n : 8 + 2 * n]]
+        state = state.decode() if isinstance(state, bytes) else state
+        before = before.decode() if isinstance(before, bytes) else before
+        refused = int(refused)
+        pairs = tuple(zip(caps, totals, strict=True))
+        session = caps.index(SESSION)
+        hour = caps.index(HOURLY)
+        return SpendState(
+            session_micro=totals[session] if session >= 0 else 0,
+            hour_micro=totals[hour] if hour >= 0 else 0,
+            breaker=state,
+            tripped=bool(int(tripped)),
+            breaker_until=int(until_ms) / 1000.0,
+            added=bool(int(added)),
+            retry_seconds=max(0, int(retry)) / 1000.0,
+            engine=engine,
+            breaker_before=before,
+            allowed=bool(int(allowed)),
+            refused=caps.caps[refused - 1] if refused > 0 else None,
+            totals=pairs,
+            over=tuple(cap for cap, flag in zip(caps, over, strict=True) if flag),
+        )
 
     def _script(self, client, source):
-        key = (id(client), source is REBUILD_LUA)
+        key = (id(client), source is REPLAY_LUA)
         script = self._scripts.get(key)
         if script is None:
             script = self._scripts[key] = client.register_script(source)
         return script
 
-    def _charge_args(self, now, session_id, amount, member, budget, mode):
-        threshold, cooldown, hourly_cap, ttl = _limits(budget)
-        keys = self._keys(session_id)
-        args = [now, amount, member, WINDOW_SECONDS * 1000, threshold, cooldown, ttl, mode]
-        return keys, [*args, hourly_cap]
-
-    @staticmethod
-    def _state(reply):
-        session, hour, state, tripped, until_ms, added, retry, before = reply
-        state = state.decode() if isinstance(state, bytes) else state
-        before = before.decode() if isinstance(before, bytes) else before
-        return SpendState(
-            session_micro=int(session),
-            hour_micro=int(hour),
-            breaker=state,
-            tripped=bool(int(tripped)),
-            breaker_until=int(until_ms) / 1000.0,
-            added=bool(int(added)),
-            hourly_retry_seconds=int(retry) / 1000.0,
-            engine="redis",
-            breaker_before=before,
-        )
-
     def _use_redis(self):
         return self.link is not None and self.link.available
 
-    def _observe(self, state, budget, now_ms, mode):
-        hourly_cost_usd.set(state.hour_micro / MICRO_PER_USD)
+    def _local_decide(self, op, caps, budget, amount, add_member, remove_member, now):
+        reply = self.local.decide(
+            op,
+            caps,
+            now,
+            int(amount),
+            add_member or "",
+            remove_member or "",
+            to_micro(budget.breaker_threshold_usd),
+            int(budget.breaker_cooldown_seconds) * 1000,
+        )
+        return self._parse(reply, caps, "local")
+
+    def decide(self, op, caps, budget, *, amount=0, add=None, remove=None, at=None):
+        """One spend decision (sync); see the module docstring for ``op``."""
+        now = _ms(self.timer() if at is None else at)
+        if self._use_redis():
+            keys, args = self._plan(op, caps, budget, amount, add, remove, now)
+            try:
+                reply = self._script(self.link.client, SPEND_LUA)(keys=keys, args=args)
+            except REDIS_ERRORS as exc:
+                self.link.mark_down(exc)
+            else:
+                self._local_seeded = False
+                self.link.mark_up()
+                return self._observe(self._parse(reply, caps, "redis"), budget, now, op)
+        self._seed_local()
+        state = self._local_decide(self._local_op(op), caps, budget, amount, add, remove, now)
+        return self._observe(self._fallback(state, op), budget, now, op)
+
+    async def adecide(self, op, caps, budget, *, amount=0, add=None, remove=None, at=None):
+        """``decide()`` for async callers: the Redis call does not block the event loop."""
+        now = _ms(self.timer() if at is None else at)
+        if self._use_redis():
+            keys, args = self._plan(op, caps, budget, amount, add, remove, now)
+            try:
+                script = self._script(self.link.async_client, SPEND_LUA)
+                reply = await script(keys=keys, args=args)
+            except REDIS_ERRORS as exc:
+                self.link.mark_down(exc)
+            else:
+                self._local_seeded = False
+                self.link.mark_up()
+                return self._observe(self._parse(reply, caps, "redis"), budget, now, op)
+        if self.ledger and not self._local_seeded:
+            await database_sync_to_async(self._seed_local)()
+        state = self._local_decide(self._local_op(op), caps, budget, amount, add, remove, now)
+        return self._observe(self._fallback(state, op), budget, now, op)
+
+    def _fails_over(self, op):
+        return op in ("admit", "reserve") and self.link is not None and self.fail_mode != "local"
+
+    def _local_op(self, op):
+        """The twin's operation while Redis is down: ``QUOTAS_FAIL_MODE`` open or closed decides
+        admissions and reservations instead of the twin (an allowed reservation still counts,
+        like any cost)."""
+        if not self._fails_over(op):
+            return op
+        return "charge" if op == "reserve" and self.fail_mode == "open" else "read"
+
+    def _fallback(self, state, op):
+        if not self._fails_over(op) or self.fail_mode == "open":
+            return state
+        retry = max(1.0, float(self.link.retry_seconds))
+        return _replace(state, allowed=False, refused=None, retry_seconds=retry)
+
+    def _observe(self, state, budget, now_ms, op):
+        if state.totals and state.totals[-1][0].name == HOURLY:
+            hourly_cost_usd.set(state.hour_micro / MICRO_PER_USD)
         circuit_breaker_open.set(1 if state.breaker_open else 0)
         if state.tripped:
             logger.warning(
@@ -474,111 +608,91 @@ class SpendCounters:
             )
         # Transitions and thresholds are recorded and alerted without waiting for either.
         spend_notifier.observe(
-            state, budget, now_ms / 1000.0, charged=mode == "charge" and state.added
+            state, budget, now_ms / 1000.0, charged=op in ("charge", "settle") and state.added
         )
         return state
 
-    # -- the local twin -----------------------------------------------------------------------
+    # -- the operations -------------------------------------------------------------------------
 
-    def _seed_local(self, budget):
-        """Load the ledger into the local twin once per stretch of local use (sync)."""
-        if self.ledger and not self._local_seeded:
-            now = self.timer()
-            entries, sessions = ledger_snapshot(now, budget)
-            self.local.load(_ms(now), entries, sessions, budget)
-        self._local_seeded = True
+    def reserve(self, caps, amount_micro, member, budget, *, at=None):
+        """Hold ``amount_micro`` against every cap of ``caps``, or refuse (sync)."""
+        return self.decide("reserve", caps, budget, amount=amount_micro, add=member, at=at)
 
-    def _local(self, now, session_id, amount, member, budget, mode):
-        return self.local.evaluate(now, session_id, amount, member, budget, mode)
+    async def areserve(self, caps, amount_micro, member, budget, *, at=None):
+        """Hold ``amount_micro`` against every cap of ``caps``, or refuse."""
+        return await self.adecide("reserve", caps, budget, amount=amount_micro, add=member, at=at)
 
-    # -- evaluate: charge, read, admit ----------------------------------------------------------
+    def settle(self, caps, reserved_member, amount_micro, member, budget, *, at=None):
+        """Replace a reservation's entry by the exact cost's (sync)."""
+        return self.decide(
+            "settle", caps, budget, amount=amount_micro, add=member, remove=reserved_member, at=at
+        )
+
+    async def asettle(self, caps, reserved_member, amount_micro, member, budget, *, at=None):
+        """Replace a reservation's entry by the exact cost's."""
+        return await self.adecide(
+            "settle", caps, budget, amount=amount_micro, add=member, remove=reserved_member, at=at
+        )
+
+    async def arelease(self, caps, reserved_member, budget, *, at=None):
+        """Drop a reservation whose response never started."""
+        return await self.adecide("release", caps, budget, remove=reserved_member, at=at)
+
+    def charge(self, session_id, amount_micro, budget, *, member=None, at=None, caps=None):
+        """Add ``amount_micro`` to the session, the rolling hour (and ``caps``) (sync)."""
+        caps = caps or self._legacy_caps(budget, session_id, at)
+        member = member or entry_member(amount_micro, uuid.uuid4().hex)
+        return self.decide("charge", caps, budget, amount=amount_micro, add=member, at=at)
+
+    async def acharge(self, session_id, amount_micro, budget, *, member=None, at=None, caps=None):
+        """Add ``amount_micro`` to the session, the rolling hour (and ``caps``)."""
+        caps = caps or self._legacy_caps(budget, session_id, at)
+        member = member or entry_member(amount_micro, uuid.uuid4().hex)
+        return await self.adecide("charge", caps, budget, amount=amount_micro, add=member, at=at)
 
     def evaluate(self, session_id, amount_micro, budget, *, member=None, at=None, mode="charge"):
-        """One charge (or read) synchronously; returns the totals and breaker state."""
-        now = _ms(self.timer() if at is None else at)
-        member = member or entry_member(amount_micro, uuid.uuid4().hex)
-        if self._use_redis():
-            keys, args = self._charge_args(now, session_id, amount_micro, member, budget, mode)
-            try:
-                reply = self._script(self.link.client, CHARGE_LUA)(keys=keys, args=args)
-            except REDIS_ERRORS as exc:
-                self.link.mark_down(exc)
-            else:
-                self._local_seeded = False
-                self.link.mark_up()
-                return self._observe(self._state(reply), budget, now, mode)
-        self._seed_local(budget)
-        state = self._local(now, session_id, amount_micro, member, budget, mode)
-        return self._observe(state, budget, now, mode)
+        """A charge, read or admission over the session and the rolling hour (sync)."""
+        if mode == "charge":
+            return self.charge(session_id, amount_micro, budget, member=member, at=at)
+        return self.decide(mode, self._legacy_caps(budget, session_id, at), budget, at=at)
 
     async def aevaluate(
         self, session_id, amount_micro, budget, *, member=None, at=None, mode="charge"
     ):
-        """``evaluate()`` for async callers: the Redis call does not block the event loop."""
-        now = _ms(self.timer() if at is None else at)
-        member = member or entry_member(amount_micro, uuid.uuid4().hex)
-        if self._use_redis():
-            keys, args = self._charge_args(now, session_id, amount_micro, member, budget, mode)
-            try:
-                client = self.link.async_client
-                reply = await self._script(client, CHARGE_LUA)(keys=keys, args=args)
-            except REDIS_ERRORS as exc:
-                self.link.mark_down(exc)
-            else:
-                self._local_seeded = False
-                self.link.mark_up()
-                return self._observe(self._state(reply), budget, now, mode)
-        if self.ledger and not self._local_seeded:
-            await database_sync_to_async(self._seed_local)(budget)
-        state = self._local(now, session_id, amount_micro, member, budget, mode)
-        return self._observe(state, budget, now, mode)
-
-    def charge(self, session_id, amount_micro, budget, *, member=None, at=None):
-        """Add ``amount_micro`` to the session and the rolling hour (sync)."""
-        return self.evaluate(session_id, amount_micro, budget, member=member, at=at)
-
-    async def acharge(self, session_id, amount_micro, budget, *, member=None, at=None):
-        """Add ``amount_micro`` to the session and the rolling hour."""
-        return await self.aevaluate(session_id, amount_micro, budget, member=member, at=at)
+        """``evaluate()`` for async callers."""
+        if mode == "charge":
+            return await self.acharge(session_id, amount_micro, budget, member=member, at=at)
+        return await self.adecide(mode, self._legacy_caps(budget, session_id, at), budget, at=at)
 
     def read(self, budget, session_id=None):
         """Totals and breaker state without charging (sync)."""
-        return self.evaluate(session_id, 0, budget, mode="read")
+        return self.decide("read", self._legacy_caps(budget, session_id, None), budget)
 
-    def _admission(self, state, budget, fallback):
-        now = self.timer()
-        if fallback == "open":
+    def _admission(self, state):
+        if state.allowed:
             return Admission(True, state=state)
-        if fallback == "closed":
-            retry = max(1, math.ceil(self.link.retry_seconds))
-            message = BREAKER_MESSAGE.format(minutes=minutes_until(retry))
-            return Admission(False, "breaker", retry, message, state)
-        if state.breaker_open:
+        now = self.timer()
+        if state.refused_by_breaker and state.breaker_open:
             retry = max(1, state.breaker_retry_seconds(now))
-            message = BREAKER_MESSAGE.format(minutes=minutes_until(retry))
-            return Admission(False, "breaker", retry, message, state)
-        if state.hour_over(budget):
-            retry = max(1, math.ceil(state.hourly_retry_seconds))
-            message = HOURLY_CAP_MESSAGE.format(minutes=minutes_until(retry))
-            return Admission(False, "hourly_cap", retry, message, state)
-        return Admission(True, state=state)
+        else:
+            retry = max(1, math.ceil(state.retry_seconds)) if state.retry_seconds else 0
+        cap = state.refused
+        message = refusal_message(state.reason, retry, cap)
+        return Admission(False, state.reason, retry, message, state)
 
-    def _fallback_mode(self):
-        if self.link is None or self._use_redis():
-            return "local"
-        return self.fail_mode
-
-    def admit(self, budget):
+    def admit(self, budget, caps=None):
         """May a new session start? (sync)"""
-        state = self.evaluate(None, 0, budget, mode="admit")
-        fallback = self._fallback_mode() if state.engine == "local" else "local"
-        return self._admission(state, budget, fallback)
+        caps = caps or self._legacy_caps(budget, None, None)
+        return self._admission(self.decide("admit", caps, budget))
 
-    async def aadmit(self, budget):
-        """May a new session start? ``hourly_cap`` / ``breaker`` refusals carry retry_after."""
-        state = await self.aevaluate(None, 0, budget, mode="admit")
-        fallback = self._fallback_mode() if state.engine == "local" else "local"
-        return self._admission(state, budget, fallback)
+    async def aadmit(self, budget, caps=None):
+        """May a new session start? Refusals carry the cap's reason and retry_after."""
+        caps = caps or self._legacy_caps(budget, None, None)
+        return self._admission(await self.adecide("admit", caps, budget))
+
+    def admission_of(self, state):
+        """A reserve/admit ``SpendState`` as an ``Admission`` (reason, message, retry)."""
+        return self._admission(state)
 
     def breaker_state(self, budget=None):
         """'closed', 'open' or 'half_open' as of now (one Redis round trip, sync)."""
@@ -612,7 +726,7 @@ class SpendCounters:
         if self.link is None:
             return False
         try:
-            self.link.client.delete(self._keys(None)[3])
+            self.link.client.delete(f"{self.prefix}:spend:breaker")
         except REDIS_ERRORS as exc:
             self.link.mark_down(exc)
             return False
@@ -620,10 +734,26 @@ class SpendCounters:
         return True
 
     def forget_session(self, session_id):
-        """Drop a closed session's in-process total (its Redis key expires by itself)."""
-        self.local.forget_session(session_id)
+        """Drop a closed session's in-process counter (its Redis key expires by itself)."""
+        self.local.forget_session(f"{self.prefix}:spend:session:{session_id}")
 
-    # -- recovery -------------------------------------------------------------------------------
+    # -- the ledger: seeding the twin, rebuilding Redis ----------------------------------------
+
+    def _snapshot(self):
+        from .policies import policy_cache
+
+        return policy_cache.get()
+
+    def _seed_local(self):
+        """Load the ledger into the local twin once per stretch of local use (sync)."""
+        if self.ledger and not self._local_seeded:
+            now = self.timer()
+            entries = ledger_entries(
+                now, self._snapshot(), self.prefix, quota_settings.budget_timezone
+            )
+            for cap, items in entries.items():
+                self.local.replay(cap, _ms(now), items)
+        self._local_seeded = True
 
     def _on_redis_recovery(self):
         try:
@@ -647,49 +777,50 @@ class SpendCounters:
         return await database_sync_to_async(self.rebuild_from_ledger)(budget)
 
     def rebuild_from_ledger(self, budget=None):
-        """Replay the ledger's last hour and open sessions into Redis (sync); None if down."""
+        """Replay the ledger into every Redis counter (sync); the hour's total, or None if down.
+
+        Idempotent: an entry Redis has already is not added again, so this is safe at
+        start-up as well as after an outage.
+        """
         if self.link is None:
             return None
-        if budget is None:
-            from .policies import policy_cache
-
-            budget = policy_cache.get().budget
+        snapshot = self._snapshot()
+        if budget is not None:
+            snapshot = _replace(snapshot, budget=budget)
         now = self.timer()
-        entries, sessions = ledger_snapshot(now, budget)
-        threshold, cooldown, _, ttl = _limits(budget)
-        base = self._keys(None)[1:]
-        session_ids = list(sessions)
-        index = {sid: i + 1 for i, sid in enumerate(session_ids)}
-        session_keys = [self._keys(sid)[0] for sid in session_ids]
+        entries = ledger_entries(now, snapshot, self.prefix, quota_settings.budget_timezone)
         try:
-            script = self._script(self.link.client, REBUILD_LUA)
-            step = REBUILD_BATCH
-            batches = [entries[i : i + step] for i in range(0, len(entries), step)]
-            reply = None
-            for number, batch in enumerate(batches or [[]]):
-                last = number == max(0, len(batches) - 1)
-                # Session keys ride along with every batch so their INCRBYs have a key index;
-                # the ledger floor (max with the ledger total) applies with the last batch.
-                args = [_ms(now), WINDOW_SECONDS * 1000, threshold, cooldown, ttl, len(batch)]
-                for score, member, _micro, sid in batch:
-                    args += [score, member, index.get(sid, 0)]
-                args += [sessions[sid] if last else 0 for sid in session_ids]
-                reply = script(keys=[*base, *session_keys], args=args)
+            script = self._script(self.link.client, REPLAY_LUA)
+            hour_total = 0
+            for cap, items in entries.items():
+                total = 0
+                for start in range(0, max(1, len(items)), REPLAY_BATCH):
+                    args = [_ms(now), cap.window_ms, cap.ttl_seconds]
+                    for score, member in items[start : start + REPLAY_BATCH]:
+                        args += [score, member]
+                    total = int(script(keys=[cap.key, cap.total_key], args=args))
+                if cap.name == HOURLY:
+                    hour_total = total
+            state = self.decide(
+                "read", self._legacy_caps(snapshot.budget, None, None), snapshot.budget
+            )
         except REDIS_ERRORS as exc:
             self.link.mark_down(exc)
             logger.warning("spend counters not rebuilt: Redis failed (%s)", exc.__class__.__name__)
             return None
-        total, state, _tripped, _until = reply
         logger.warning(
-            "spend counters rebuilt from the ledger: %d entries, %d open sessions, $%s in the hour",
+            "spend counters rebuilt from the ledger: %d counters, $%s in the hour",
             len(entries),
-            len(sessions),
-            from_micro(int(total)),
+            from_micro(hour_total),
         )
-        hourly_cost_usd.set(int(total) / MICRO_PER_USD)
-        state = state.decode() if isinstance(state, bytes) else state
-        circuit_breaker_open.set(1 if state == OPEN else 0)
-        return int(total)
+        hourly_cost_usd.set(state.hour_micro / MICRO_PER_USD)
+        return state.hour_micro
+
+
+def _replace(instance, **changes):
+    from dataclasses import replace
+
+    return replace(instance, **changes)
 
 
 _counters = {}
@@ -708,6 +839,12 @@ def spend_counters():
     return counters
 
 
+def reset_spend_counters():
+    """Forget the process-wide counters (tests: a fresh engine for new settings)."""
+    with _counters_lock:
+        _counters.clear()
+
+
 async def broadcast_breaker_open(state, now):
     """Tell every instance's sessions (group ``quotas.breaker``) that the breaker opened."""
     from channels.layers import get_channel_layer
@@ -720,7 +857,7 @@ async def broadcast_breaker_open(state, now):
         "type": BREAKER_EVENT,
         "hourly_cost_usd": str(state.hour_usd),
         "retry_after": retry,
-        "message": BREAKER_MESSAGE.format(minutes=minutes_until(retry)),
+        "message": breaker_message(retry),
     }
     try:
         await layer.group_send(BREAKER_GROUP, message)

@@ -169,7 +169,16 @@ async def test_async_path_gives_the_same_answers_as_sync(backend, settings, thre
     from asgiref.sync import sync_to_async
     from django.test import Client
 
+    from quotas.limiter import get_limiter
+
     settings.ALLOWED_HOSTS = ["testserver"]
+    # One instant for every request of both runs: a second boundary between them must not
+    # change a retry_after (an injected clock, not a quiet machine).
+    limiter = get_limiter()
+    frozen = limiter.timer()
+    for engine in (limiter, limiter.local, limiter.redis):
+        if engine is not None:
+            engine.timer = lambda: frozen
     paths = ["/status"] * 61 + ["/"]
     before = exceeded("/status")
     async_responses = await run_async("192.0.2.10", paths)

@@ -117,6 +117,8 @@ async def test_warnings_in_order_once_each_then_exceeded_4402(make_meter):
         "session_cost_usd": "0.105",
         "session_cap_usd": "0.10",
         "seconds_left": 1800,
+        "limit_name": "session",
+        "limit_left_usd": "0.00",
     }
 
 

@@ -95,13 +95,35 @@ def load_list_prices():
     call_command("quotas_load_prices", "list", "--effective-from", "2026-01-01")
 
 
-async def test_small_cap_cuts_off_in_flight_and_closes_4402(relay_app, simulator):
+@sync_to_async
+def price_audio_output_only(audio_output=Decimal("64")):
+    """gpt-realtime with (almost) free input: a test's cap is then a number of audio seconds."""
+    from datetime import UTC, datetime
+
+    cheap = Decimal("0.000001")
+    ModelPrice.objects.create(
+        model="gpt-realtime",
+        effective_from=datetime(2026, 1, 1, tzinfo=UTC),
+        text_input=cheap,
+        cached_text_input=cheap,
+        audio_input=cheap,
+        cached_audio_input=cheap,
+        text_output=audio_output,
+        audio_output=audio_output,
+    )
+
+
+async def test_an_upstream_that_ignores_max_output_tokens_is_cut_off_in_flight(
+    relay_app, simulator
+):
+    # The reservation bounds an answer by max_output_tokens (1 s of audio here); an upstream
+    # that streams on regardless meets the second line: the in-flight cutoff.
     simulator.pace = 1.0  # real-time audio, as upstream streams it
-    await load_list_prices()  # gpt-realtime: text in $4, audio out $64 per 1M tokens
-    # The first answer's input (instructions, tools, question) costs about $0.003; the cap
-    # leaves room for about two seconds of the answer's audio ($0.00128 per second).
-    cap = Decimal("0.0055")
-    await set_budget(session_cap_usd=cap)
+    simulator.fault = "ignore_max_output_tokens"
+    await price_audio_output_only()  # $64 per 1M audio tokens: $0.00128 per second
+    one_second_of_audio = Decimal(20) * Decimal(64) / Decimal(1_000_000)
+    cap = Decimal("0.005")  # about 3.9 s of audio; the answer would last 7.7 s
+    await set_budget(session_cap_usd=cap, max_output_tokens_per_response=20)
     browser = await open_session(relay_app)
     await ask(browser, "Explain in detail why my recursive parser overflows the stack.")
     events = await browser.receive_until("websocket.close", timeout=20)
@@ -116,13 +138,29 @@ async def test_small_cap_cuts_off_in_flight_and_closes_4402(relay_app, simulator
     assert done and done[0]["response"]["status"] == "cancelled"
     assert kinds.index("quota.exceeded") < len(kinds) - 1
     sessions, records = await wait_for_ledger_close()
-    one_second_of_audio = Decimal(20) * await audio_output_price() / Decimal(1_000_000)
     assert sessions[0].end_reason == "budget"
     assert sessions[0].cost_usd <= cap + one_second_of_audio
     # ... and not cut absurdly early: the projection errs high by about a second at most.
     assert sessions[0].cost_usd >= cap - 2 * one_second_of_audio
     assert sessions[0].cost_usd == sum(r.cost_usd for r in records)
+    assert [r.estimated for r in records] == [False]
+    assert records[0].audio_output > 20  # streamed past the bound: the cutoff stopped it
     assert simulator.recorder.cancelled == 1
+
+
+async def test_the_server_bounds_every_answer_by_max_output_tokens(relay_app, simulator):
+    await set_budget(max_output_tokens_per_response=40)  # two seconds of audio
+    browser = await open_session(relay_app)
+    first = simulator.recorder.client_events[0].event
+    assert first["type"] == "session.update"
+    assert first["session"]["max_output_tokens"] == 40
+    await ask(browser, "Explain in detail why my recursive parser overflows the stack.")
+    events = await browser.receive_until("quota.status", timeout=15)
+    done = next(e for e in events if e["type"] == "response.done")["response"]
+    assert done["status"] == "incomplete"
+    assert done["status_details"]["reason"] == "max_output_tokens"
+    assert done["usage"]["output_tokens"] <= 40
+    await browser.disconnect()
 
 
 async def test_a_response_that_cannot_fit_is_never_started(relay_app, simulator):
@@ -195,7 +233,9 @@ async def test_disconnect_mid_response_still_books_it(relay_app, simulator):
 
 
 async def test_breaker_trip_ends_every_session_and_refuses_new_ones(relay_app):
-    await set_budget(hourly_cap_usd=Decimal("0.001"), breaker_threshold_usd=Decimal("0.002"))
+    # The hourly cap (checked by every reservation) would stop this spend first; with it out
+    # of the way, the breaker is the line that ends every session.
+    await set_budget(hourly_cap_usd=Decimal("1000"), breaker_threshold_usd=Decimal("0.002"))
     talker = await open_session(relay_app)
     bystander = await open_session(relay_app)
     await ask(talker)
@@ -213,22 +253,26 @@ async def test_breaker_trip_ends_every_session_and_refuses_new_ones(relay_app):
     assert spend_counters().breaker_state() == "open"
 
 
-async def test_hourly_cap_refuses_new_sessions_only(relay_app):
-    await set_budget(hourly_cap_usd=Decimal("0.001"), breaker_threshold_usd=Decimal("1000"))
+async def test_hourly_cap_refuses_new_sessions_and_new_answers(relay_app, simulator):
     running = await open_session(relay_app)
     await ask(running)
     events = await running.receive_until("quota.status", timeout=15)
     assert not [e for e in events if e["type"] in ("quota.exceeded", "websocket.close")]
+    _, records = await ledger()
+    await set_budget(hourly_cap_usd=sum(r.cost_usd for r in records))  # the hour is spent
     newcomer = SessionClient(relay_app, client=a_client())
     assert (await newcomer.connect())[0]
     refusal = await newcomer.next_message()
-    assert refusal["reason"] == "hourly_cap"
+    assert refusal["reason"] == "hourly_cap" and 3500 < refusal["retry_after"] <= 3600
     assert (await newcomer.next_message())["code"] == 4503
-    # The running session goes on.
+    # The running session's next answer is reserved against the hour too: not started.
+    await asyncio.sleep(0.6)  # the policy edit is live within QUOTAS_POLICY_REFRESH_SECONDS
+    created_before = len(simulator.recorder.responses)
     await ask(running, "And what about the second bug?")
-    more = await running.receive_until("response.done", timeout=15)
-    assert more[-1]["type"] == "response.done"
-    await running.disconnect()
+    more = await running.receive_until("websocket.close", timeout=15)
+    assert more[-1] == {"type": "websocket.close", "code": 4503}
+    assert [e["reason"] for e in more if e["type"] == "quota.exceeded"] == ["hourly_cap"]
+    assert len(simulator.recorder.responses) == created_before
 
 
 async def test_next_question_right_after_an_answer_waits_for_its_booking(relay_app, simulator):

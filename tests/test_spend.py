@@ -285,11 +285,11 @@ async def test_redis_outage_books_to_ledger_then_rebuilds_counters(redis_server,
 
     client = redis.Redis.from_url(redis_server.url)
     ledger = await UsageRecord.objects.aaggregate(total=Sum("cost_usd"))
-    assert Decimal(int(client.get("outage:spend:hour"))) / USD == ledger["total"]
-    assert client.zcard("outage:spend:hour:entries") == await UsageRecord.objects.acount() == 5
+    assert Decimal(int(client.get("outage:spend:hour:total"))) / USD == ledger["total"]
+    assert client.zcard("outage:spend:hour") == await UsageRecord.objects.acount() == 5
     for meter in meters:
         session = await QuotaSession.objects.aget(pk=meter.session_id)
-        in_redis = Decimal(int(client.get(f"outage:spend:session:{meter.session_id}"))) / USD
+        in_redis = Decimal(int(client.get(f"outage:spend:session:{meter.session_id}:total"))) / USD
         records = await UsageRecord.objects.filter(session=session).aaggregate(
             total=Sum("cost_usd")
         )

@@ -5,6 +5,7 @@ from django.utils.translation.trans_real import parse_accept_lang_header
 
 DEFAULT_VOICE = "alloy"
 TRANSCRIPTION_MODEL = "gpt-4o-mini-transcribe"
+DEFAULT_MAX_OUTPUT = 1000
 
 INSTRUCTIONS = """You are DUCK-E, a friendly rubber duck that helps developers debug by talking.
 Listen to the developer explain their problem, ask one short clarifying question at a time,
@@ -31,8 +32,13 @@ def preferred_language(accept_language):
     return "English"
 
 
-def session_update(*, model, accept_language, tools, voice=DEFAULT_VOICE):
-    """The ``session.update`` the server sends first; browsers cannot change these fields."""
+def session_update(
+    *, model, accept_language, tools, voice=DEFAULT_VOICE, max_output_tokens=DEFAULT_MAX_OUTPUT
+):
+    """The ``session.update`` the server sends first; browsers cannot change these fields.
+
+    ``max_output_tokens`` (the budget policy's ``max_output_tokens_per_response``) bounds every
+    response, so its worst-case cost is known before it starts."""
     return {
         "type": "session.update",
         "session": {
@@ -58,6 +64,6 @@ def session_update(*, model, accept_language, tools, voice=DEFAULT_VOICE):
             },
             "tools": list(tools),
             "tool_choice": "auto",
-            "max_output_tokens": 1024,
+            "max_output_tokens": int(max_output_tokens),
         },
     }

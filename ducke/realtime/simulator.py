@@ -54,7 +54,11 @@ log = logging.getLogger(__name__)
 Send = Callable[[dict], Awaitable[None]]
 Disconnect = Callable[[int, str], Awaitable[None]]
 
-FAULTS = frozenset({"", "reject", "close_after_created", "close_mid_response"})
+# ``ignore_max_output_tokens``: an upstream that streams past the session's output bound (the
+# relay's in-flight cutoff is the second line against it).
+FAULTS = frozenset(
+    {"", "reject", "close_after_created", "close_mid_response", "ignore_max_output_tokens"}
+)
 SESSION_MAX_SECONDS = 3600.0
 AUDIO_CHUNK_SECONDS = 0.1
 SPEAKING_CHARS_PER_SECOND = 14.0
@@ -1224,6 +1228,8 @@ class RealtimeSimulator:
         chunk_count = max(1, math.ceil(len(pcm) / chunk_bytes))
         pieces = _word_pieces(text)
         limit = self._setting(response, "max_output_tokens")
+        if self.fault == "ignore_max_output_tokens":
+            limit = "inf"
         loop = asyncio.get_running_loop()
         started = loop.time()
         sent_bytes = 0
@@ -1244,6 +1250,18 @@ class RealtimeSimulator:
                     {"type": "response.output_audio_transcript.delta", **where, "delta": delta}
                 )
             chunk = pcm[index * chunk_bytes : (index + 1) * chunk_bytes]
+            bounded = False
+            if limit != "inf":
+                # As upstream does: the output never passes max_output_tokens, so the last
+                # chunk is cut to the tokens left (audio and transcript count together).
+                room = limit - text_tokens(len(said))
+                room_bytes = pcm_bytes(room / ASSISTANT_AUDIO_TOKENS_PER_SECOND) - sent_bytes
+                if room_bytes < len(chunk):
+                    chunk = chunk[: max(0, room_bytes)]
+                    bounded = True
+                    response.stop_reason = response.stop_reason or "max_output_tokens"
+                    if not chunk:
+                        break
             await self._emit(
                 {
                     "type": "response.output_audio.delta",
@@ -1256,8 +1274,9 @@ class RealtimeSimulator:
             if first and index == 0 and self.fault == "close_mid_response":
                 await self._close_transport(CLOSE_INTERNAL_ERROR, "simulated upstream failure")
                 return None, item.audio_seconds
-            if limit != "inf" and (
-                round(item.audio_seconds * ASSISTANT_AUDIO_TOKENS_PER_SECOND)
+            if bounded or (
+                limit != "inf"
+                and round(item.audio_seconds * ASSISTANT_AUDIO_TOKENS_PER_SECOND)
                 + text_tokens(len(said))
                 >= limit
             ):

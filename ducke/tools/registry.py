@@ -73,10 +73,11 @@ TOOLS = {
 TOOL_SCHEMAS = [tool.schema for tool in TOOLS.values()]
 
 
-async def run_tool(name, arguments, *, client):
-    """Run the function call ``name(arguments)`` for ``client``; never raises."""
+async def run_tool(name, arguments, *, client, user_id=None):
+    """Run the function call ``name(arguments)`` for ``client`` (and the signed-in
+    ``user_id``, for ``user`` rules); never raises."""
     started = time.perf_counter()
-    outcome, reason = await _run(name, arguments, client)
+    outcome, reason = await _run(name, arguments, client, user_id)
     elapsed_ms = (time.perf_counter() - started) * 1000.0
     shown = name if isinstance(name, str) and name in TOOLS else "(unknown)"
     record_tool_call(shown, outcome.status)
@@ -87,7 +88,7 @@ async def run_tool(name, arguments, *, client):
     return outcome
 
 
-async def _run(name, arguments, client):
+async def _run(name, arguments, client, user_id=None):
     """The outcome of one call and a short reason for the log (never secrets or URLs)."""
     tool = TOOLS.get(name) if isinstance(name, str) else None
     if tool is None:
@@ -100,7 +101,7 @@ async def _run(name, arguments, client):
             values = tool.validate(arguments)
         except InvalidArguments as exc:
             return error_outcome("invalid", "invalid_arguments", str(exc)), "bad arguments"
-        decision = await check_tool_call(tool.target, str(client))
+        decision = await check_tool_call(tool.target, str(client), user_id)
         if decision is not None and not decision.allowed:
             retry = max(1, ceil_seconds(decision.retry_after))
             message = refusal_message(tool, decision, retry)
