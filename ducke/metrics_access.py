@@ -10,7 +10,6 @@ every scrape (and is reported by the ``ducke.E010`` system check).
 """
 
 import hmac
-import ipaddress
 import logging
 
 from django.conf import settings
@@ -20,7 +19,7 @@ from django.views.decorators.http import require_GET
 from django_prometheus.exports import ExportToDjangoView
 
 from quotas.clientip import parse_trusted_proxies
-from quotas.middleware import request_client_ip
+from quotas.middleware import request_client_address
 
 logger = logging.getLogger("ducke.metrics_access")
 
@@ -31,9 +30,9 @@ def _address_allowed(request, cidrs):
     except ValueError:
         logger.error("DUCKE_METRICS_ALLOWED_CIDRS is malformed; refusing every /metrics scrape")
         return False
-    try:
-        address = ipaddress.ip_address(request_client_ip(request))
-    except ValueError:
+    # The address itself, not the client's network: an allowed host must not let in its /64.
+    address = request_client_address(request)
+    if address is None:
         return False
     return any(address in net for net in networks if net.version == address.version)
 

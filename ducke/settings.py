@@ -193,6 +193,8 @@ LOGIN_URL = "admin:login"
 QUOTAS_ENABLED = _read("QUOTAS_ENABLED", _bool, True)
 QUOTAS_FAIL_MODE = env.str("QUOTAS_FAIL_MODE", default="local").strip().lower()
 QUOTAS_TRUSTED_PROXIES = env.str("QUOTAS_TRUSTED_PROXIES", default="")
+QUOTAS_IPV6_PREFIX = _read("QUOTAS_IPV6_PREFIX", _int, 64)
+QUOTAS_IPV4_PREFIX = _read("QUOTAS_IPV4_PREFIX", _int, 32)
 QUOTAS_REDIS_URL = REDIS_URL
 QUOTAS_SERVICE_NAME = "DUCK-E"  # the product name in quota messages and alerts
 # Calendar spend limits (day/week/month) reset at midnight here; empty -> TIME_ZONE.

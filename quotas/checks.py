@@ -5,15 +5,15 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
 
-from .clientip import parse_trusted_proxies
-from .conf import FAIL_MODES, quota_settings
+from .clientip import MAX_PREFIX, parse_prefix, parse_trusted_proxies
+from .conf import FAIL_MODES, default, quota_settings
 
 MIDDLEWARE_PATH = "quotas.middleware.RateLimitMiddleware"
 
 
 @register(Tags.security)
 def check_settings(app_configs, **kwargs):
-    """Bad fail mode, proxy list or Redis URL stop start-up; risky set-ups warn."""
+    """Bad fail mode, proxy list, prefix or Redis URL stop start-up; risky set-ups warn."""
     messages = []
     if quota_settings.FAIL_MODE not in FAIL_MODES:
         messages.append(
@@ -33,6 +33,19 @@ def check_settings(app_configs, **kwargs):
                 id="quotas.E002",
             )
         )
+    for version in (6, 4):
+        name = f"IPV{version}_PREFIX"
+        try:
+            parse_prefix(getattr(quota_settings, name), version)
+        except ValueError as exc:
+            messages.append(
+                Error(
+                    f"QUOTAS_{name} is malformed: {exc}.",
+                    hint=f"Set QUOTAS_{name} to the leading bits of an IPv{version} address "
+                    f"that make one client, 1 to {MAX_PREFIX[version]} (default {default(name)}).",
+                    id="quotas.E005",
+                )
+            )
     url = quota_settings.REDIS_URL
     if url and urlsplit(url).scheme not in {"redis", "rediss", "unix"}:
         messages.append(

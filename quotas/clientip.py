@@ -1,10 +1,21 @@
-"""The client's IP address: the peer, or what a trusted proxy says in X-Forwarded-For."""
+"""Who a client is: its address, widened to the network its addresses share.
+
+The address is the peer, or what a trusted proxy says in X-Forwarded-For; proxies are matched
+address by address. Only the final address is widened: one IPv6 subscriber usually holds a
+whole /64 and can pick a new address from it for every request, so by default the /64 is the
+client (``QUOTAS_IPV6_PREFIX``, ``QUOTAS_IPV4_PREFIX``). Rate limits, concurrent sessions and
+spend are all keyed by this identity.
+"""
 
 import ipaddress
 import logging
 from functools import lru_cache
 
+from .conf import default, quota_settings
+
 logger = logging.getLogger("quotas.clientip")
+
+MAX_PREFIX = {4: 32, 6: 128}
 
 
 def parse_trusted_proxies(value):
@@ -36,6 +47,9 @@ def _address(value):
         value = value[1 : value.index("]")]
     elif value.count(":") == 1:  # v4:port
         value = value.split(":", 1)[0]
+    if ":" in value:
+        # A zone id (fe80::1%eth0) names an interface of the host, not a different client.
+        value = value.partition("%")[0]
     try:
         address = ipaddress.ip_address(value)
     except ValueError:
@@ -49,8 +63,43 @@ def _trusted(address, networks):
     return any(address in net for net in networks if net.version == address.version)
 
 
-def client_ip(remote_addr, forwarded_for, trusted_proxies):
-    """The client's address as a string.
+def parse_prefix(value, version):
+    """``value`` as a prefix length for IP ``version`` (4 or 6); ValueError gives the range."""
+    maximum = MAX_PREFIX[version]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise ValueError(f"expected a whole number from 1 to {maximum}, got {value!r}")
+    return value
+
+
+def _prefix(value, version):
+    name = f"IPV{version}_PREFIX"
+    if value is None:
+        value = getattr(quota_settings, name)
+    try:
+        return parse_prefix(value, version)
+    except ValueError:
+        # A malformed setting is reported by the quotas.E005 check; mid-request, use the default.
+        return default(name)
+
+
+def client_identity(address, *, ipv6_prefix=None, ipv4_prefix=None):
+    """The string a client address is counted under: its network, or the bare address.
+
+    ``2001:db8:1:2::7`` -> ``2001:db8:1:2::/64`` with the default IPv6 prefix; an IPv4
+    address stays itself at prefix 32 and becomes ``203.0.113.0/24`` at 24. Prefixes default
+    to ``QUOTAS_IPV6_PREFIX`` and ``QUOTAS_IPV4_PREFIX``; ValueError for a non-address.
+    """
+    parsed = _address(str(address))
+    if parsed is None:
+        raise ValueError(f"{address!r} is not an IP address")
+    prefix = _prefix(ipv6_prefix if parsed.version == 6 else ipv4_prefix, parsed.version)
+    if prefix == parsed.max_prefixlen:
+        return str(parsed)
+    return str(ipaddress.ip_network((parsed, prefix), strict=False))
+
+
+def client_address(remote_addr, forwarded_for, trusted_proxies):
+    """The client's own address (an ``ipaddress`` object), or None if the peer is not one.
 
     ``REMOTE_ADDR`` unless that peer is a trusted proxy; then walk ``X-Forwarded-For`` from
     the right and take the first address that is not a trusted proxy. Malformed entries end
@@ -58,14 +107,14 @@ def client_ip(remote_addr, forwarded_for, trusted_proxies):
     """
     peer = _address(remote_addr)
     if peer is None:
-        return (remote_addr or "unknown")[:64]
+        return None
     try:
         networks = parse_trusted_proxies(trusted_proxies) if trusted_proxies else ()
     except ValueError:
         # A malformed setting is reported by the quotas.E002 check; mid-request, trust nobody.
         networks = ()
     if not networks or not _trusted(peer, networks) or not forwarded_for:
-        return str(peer)
+        return peer
     client = peer
     for item in reversed(forwarded_for.split(",")[-32:]):
         address = _address(item)
@@ -74,4 +123,15 @@ def client_ip(remote_addr, forwarded_for, trusted_proxies):
         client = address
         if not _trusted(address, networks):
             break
-    return str(client)
+    return client
+
+
+def client_ip(remote_addr, forwarded_for, trusted_proxies, *, ipv6_prefix=None, ipv4_prefix=None):
+    """The client's identity as a string: ``client_address`` widened by ``client_identity``.
+
+    A peer that is not an address at all (a unix socket, a test server) is its own text.
+    """
+    address = client_address(remote_addr, forwarded_for, trusted_proxies)
+    if address is None:
+        return (remote_addr or "unknown")[:64]
+    return client_identity(address, ipv6_prefix=ipv6_prefix, ipv4_prefix=ipv4_prefix)

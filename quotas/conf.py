@@ -8,6 +8,10 @@ QUOTAS_FAIL_MODE          "local" (default): Redis down -> per-process limits;
                           "open": Redis down -> allow everything;
                           "closed": Redis down -> refuse everything limited.
 QUOTAS_TRUSTED_PROXIES    comma-separated CIDRs whose X-Forwarded-For is believed.
+QUOTAS_IPV6_PREFIX        leading bits of an IPv6 address that make one client, default 64
+                          (1-128): every address of a /64 shares its limits and spend;
+                          128 -> each address is a client of its own.
+QUOTAS_IPV4_PREFIX        the same for IPv4, default 32 (1-32): each address on its own.
 QUOTAS_REDIS_URL          redis://, rediss:// or unix:// URL; empty -> in-process counters.
 QUOTAS_KEY_PREFIX         prefix of every Redis key, default "quotas".
 QUOTAS_POLICY_REFRESH_SECONDS  how often a process checks for policy edits, default 0.5.
@@ -42,6 +46,8 @@ _DEFAULTS = {
     "ENABLED": True,
     "FAIL_MODE": "local",
     "TRUSTED_PROXIES": "",
+    "IPV6_PREFIX": 64,
+    "IPV4_PREFIX": 32,
     "REDIS_URL": "",
     "KEY_PREFIX": "quotas",
     "POLICY_REFRESH_SECONDS": 0.5,
@@ -84,3 +90,8 @@ class QuotasSettings:
 
 
 quota_settings = QuotasSettings()
+
+
+def default(name):
+    """The built-in default of ``QUOTAS_<name>``: what a bad value falls back to mid-request."""
+    return _DEFAULTS[name]

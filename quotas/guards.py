@@ -47,7 +47,7 @@ def session_slots():
 
 
 def scope_client_ip(scope):
-    """The client address of an ASGI scope per ``QUOTAS_TRUSTED_PROXIES``."""
+    """The client identity of an ASGI scope (``client_ip`` of its peer and X-Forwarded-For)."""
     peer = (scope.get("client") or ("", 0))[0] or ""
     forwarded = ""
     for name, value in scope.get("headers", ()):

@@ -6,7 +6,7 @@ import time
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import JsonResponse
 
-from .clientip import client_ip
+from .clientip import client_address, client_ip
 from .conf import quota_settings
 from .events import record_violation
 from .limiter import Limit, ceil_seconds, get_limiter
@@ -17,8 +17,17 @@ logger = logging.getLogger("quotas.middleware")
 
 
 def request_client_ip(request):
-    """The client address of a Django request per ``QUOTAS_TRUSTED_PROXIES``."""
+    """The client identity of a Django request: what its limits are counted under."""
     return client_ip(
+        request.META.get("REMOTE_ADDR", ""),
+        request.META.get("HTTP_X_FORWARDED_FOR", ""),
+        quota_settings.TRUSTED_PROXIES,
+    )
+
+
+def request_client_address(request):
+    """The client's own address per ``QUOTAS_TRUSTED_PROXIES`` (not widened), or None."""
+    return client_address(
         request.META.get("REMOTE_ADDR", ""),
         request.META.get("HTTP_X_FORWARDED_FOR", ""),
         quota_settings.TRUSTED_PROXIES,

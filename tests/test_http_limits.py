@@ -152,6 +152,19 @@ def test_trusted_proxy_forwards_each_clients_address(client, backend, settings):
     assert garbage.status_code == 200
 
 
+def test_addresses_of_one_ipv6_64_share_a_bucket(client, backend, settings):
+    set_rule("status", limit=2)
+    first = client.get("/status", REMOTE_ADDR="2001:db8:1:2::1")
+    second = client.get("/status", REMOTE_ADDR="2001:db8:1:2:a:b:c:d")
+    third = client.get("/status", REMOTE_ADDR="2001:db8:1:2::ffff")
+    assert [r.status_code for r in (first, second, third)] == [200, 200, 429]
+    assert [first["RateLimit-Remaining"], second["RateLimit-Remaining"]] == ["1", "0"]
+    # The next /64 is another client; with a prefix of 128, so is every address.
+    assert client.get("/status", REMOTE_ADDR="2001:db8:1:3::1").status_code == 200
+    settings.QUOTAS_IPV6_PREFIX = 128
+    assert client.get("/status", REMOTE_ADDR="2001:db8:1:2::2").status_code == 200
+
+
 async def run_async(app_client_address, paths):
     """Send ``paths`` through the ASGI app as ``app_client_address``; return the responses."""
     transport = httpx.ASGITransport(app=get_asgi_application(), client=(app_client_address, 5000))

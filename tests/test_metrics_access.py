@@ -55,6 +55,12 @@ def test_cidr_allowlist(client, remote_addr, allowed):
         assert_refused(response, remote_addr, "10.0.0.0/8")
 
 
+@override_settings(DUCKE_METRICS_ALLOWED_CIDRS="2001:db8::5/128", DUCKE_METRICS_TOKEN="")
+def test_allowlist_judges_the_address_not_the_clients_64(client):
+    assert_metrics(scrape(client, remote_addr="2001:db8::5"))
+    assert_refused(scrape(client, remote_addr="2001:db8::6"))  # same /64, another host
+
+
 @override_settings(
     DUCKE_METRICS_ALLOWED_CIDRS="10.0.0.0/8", DUCKE_METRICS_TOKEN="", QUOTAS_TRUSTED_PROXIES=""
 )

@@ -174,6 +174,21 @@ async def test_third_concurrent_session_is_refused(relay_app):
     await second.disconnect()
 
 
+async def test_third_concurrent_session_of_one_ipv6_64_is_refused(relay_app):
+    network = f"2001:db8:{uuid.uuid4().int % 0xFFFF:x}:{uuid.uuid4().int % 0xFFFF:x}"
+    first = await open_session(relay_app, f"{network}::1")
+    second = await open_session(relay_app, f"{network}:aaaa:bbbb:cccc:dddd")
+    third = SessionClient(relay_app, client=f"{network}::2")
+    assert (await third.connect())[0]
+    assert (await third.next_message())["reason"] == "concurrent_sessions"
+    assert (await third.next_message())["code"] == 4429
+    # Another /64 is another client.
+    other = await open_session(relay_app, f"2001:db8:ffff:{uuid.uuid4().int % 0xFFFF:x}::1")
+    await other.disconnect()
+    await first.disconnect()
+    await second.disconnect()
+
+
 async def test_foreign_origin_is_refused(relay_app):
     browser = SessionClient(
         relay_app, headers=[(b"origin", b"http://evil.example"), (b"host", b"127.0.0.1:8000")]

@@ -122,10 +122,24 @@ def test_checks_pass_on_the_test_settings():
         ({"QUOTAS_TRUSTED_PROXIES": 42}, "quotas.E002"),
         ({"QUOTAS_REDIS_URL": "http://127.0.0.1:6379/0"}, "quotas.E003"),
         ({"QUOTAS_POLICY_REFRESH_SECONDS": 0}, "quotas.E004"),
+        ({"QUOTAS_IPV6_PREFIX": "abc"}, "quotas.E005"),
+        ({"QUOTAS_IPV6_PREFIX": 0}, "quotas.E005"),
+        ({"QUOTAS_IPV6_PREFIX": 129}, "quotas.E005"),
+        ({"QUOTAS_IPV4_PREFIX": 33}, "quotas.E005"),
+        ({"QUOTAS_IPV4_PREFIX": "24"}, "quotas.E005"),
     ],
 )
 def test_checks_report_bad_quota_settings(overrides, expected):
     assert expected in check_ids(**overrides)
+
+
+def test_prefix_check_names_the_variable_and_accepts_the_whole_range():
+    with override_settings(QUOTAS_IPV6_PREFIX=129):
+        (error,) = [m for m in run_checks() if m.id == "quotas.E005"]
+    assert "QUOTAS_IPV6_PREFIX" in error.msg and "129" in error.msg
+    assert "QUOTAS_IPV6_PREFIX" in error.hint and "1 to 128" in error.hint
+    for good in ({"QUOTAS_IPV6_PREFIX": 1, "QUOTAS_IPV4_PREFIX": 1}, {"QUOTAS_IPV6_PREFIX": 128}):
+        assert "quotas.E005" not in check_ids(**good)
 
 
 def test_check_warns_without_the_middleware(settings):
@@ -168,6 +182,8 @@ def manage_check(**env):
         ("QUOTAS_ENABLED", "perhaps", "ducke.E001"),
         ("QUOTAS_FAIL_MODE", "x", "quotas.E001"),
         ("QUOTAS_TRUSTED_PROXIES", "10.0.0.0/33", "quotas.E002"),
+        ("QUOTAS_IPV6_PREFIX", "abc", "ducke.E001"),
+        ("QUOTAS_IPV4_PREFIX", "33", "quotas.E005"),
     ],
 )
 def test_bad_environment_stops_start_up_with_a_message(variable, value, check_id):
@@ -184,6 +200,8 @@ def test_good_environment_starts():
         DJANGO_DEBUG="true",
         QUOTAS_FAIL_MODE="closed",
         QUOTAS_TRUSTED_PROXIES="10.0.0.0/8,::1",
+        QUOTAS_IPV6_PREFIX="56",
+        QUOTAS_IPV4_PREFIX="24",
         REDIS_URL="redis://:secret@127.0.0.1:6379/0",
     )
     assert result.returncode == 0, result.stdout + result.stderr
