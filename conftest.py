@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.relay",
     "tests.fixtures.live_server",
     "tests.fixtures.redis_server",
+    "tests.fixtures.o200k",
 ]
