@@ -38,6 +38,7 @@ from ducke.realtime.persona import TRANSCRIPTION_MODEL, session_update
 from ducke.realtime.upstream import open_upstream
 from ducke.tools import TOOL_SCHEMAS, run_tool
 from quotas.caps import Identity
+from quotas.conf import quota_settings
 from quotas.guards import scope_client_ip, session_slots
 from quotas.meter import SessionMeter
 from quotas.policies import policy_cache
@@ -626,6 +627,14 @@ class SessionConsumer(AsyncWebsocketConsumer):
                     usage.cached_input_tokens,
                     usage.output_tokens,
                 )
+                if usage.calls:
+                    # Billed per call on top of the tokens (web search).
+                    await self._book(
+                        self.meter.charge_tool_fee,
+                        f"{reference}:fee",
+                        usage.per_call_tool,
+                        usage.calls,
+                    )
             self.pending_tool_outputs.append(
                 {
                     "type": "conversation.item.create",
@@ -656,7 +665,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
 
     async def _watch(self):
         idle_limit = float(_setting("DUCKE_IDLE_TIMEOUT_SECONDS", 300))
-        next_refresh = time.monotonic() + SLOT_REFRESH_SECONDS
+        # The slot and the heartbeat (the stale-session sweep's proof of life) together.
+        refresh_every = min(SLOT_REFRESH_SECONDS, float(quota_settings.SESSION_HEARTBEAT_SECONDS))
+        next_refresh = time.monotonic() + refresh_every
         while not self.closing:
             check = self.meter.duration_events()
             for warning in check.warnings:
@@ -680,7 +691,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
                         self.policy.budget.max_concurrent_sessions_per_client,
                     )
                 await self._heartbeat()
-                next_refresh = now + SLOT_REFRESH_SECONDS
+                next_refresh = now + refresh_every
             # Wake at least every second, and exactly at the duration cap.
             until_cap = (
                 self.meter.started + self.policy.budget.session_max_seconds - self.meter.timer()

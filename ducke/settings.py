@@ -196,7 +196,8 @@ QUOTAS_TRUSTED_PROXIES = env.str("QUOTAS_TRUSTED_PROXIES", default="")
 QUOTAS_IPV6_PREFIX = _read("QUOTAS_IPV6_PREFIX", _int, 64)
 QUOTAS_IPV4_PREFIX = _read("QUOTAS_IPV4_PREFIX", _int, 32)
 QUOTAS_REDIS_URL = REDIS_URL
-QUOTAS_SERVICE_NAME = "DUCK-E"  # the product name in quota messages and alerts
+# The product name in quota messages to users and in alerts.
+QUOTAS_SERVICE_NAME = env.str("QUOTAS_SERVICE_NAME", default="DUCK-E").strip() or "DUCK-E"
 # Calendar spend limits (day/week/month) reset at midnight here; empty -> TIME_ZONE.
 QUOTAS_BUDGET_TIMEZONE = env.str("QUOTAS_BUDGET_TIMEZONE", default="").strip()
 QUOTAS_EVENT_RETENTION_DAYS = _read("QUOTAS_EVENT_RETENTION_DAYS", _int, 90)

@@ -61,6 +61,16 @@ def check_settings(app_configs, **kwargs):
             messages.append(
                 Error(f"QUOTAS_{name} must be a positive number of seconds.", id="quotas.E004")
             )
+    try:
+        quota_settings.budget_timezone  # noqa: B018 (resolving the zone is the check)
+    except ValueError as exc:
+        messages.append(
+            Error(
+                f"QUOTAS_BUDGET_TIMEZONE: {exc}.",
+                hint="Use an IANA zone name such as Europe/Paris, or leave it empty for TIME_ZONE.",
+                id="quotas.E006",
+            )
+        )
     if quota_settings.ENABLED and MIDDLEWARE_PATH not in settings.MIDDLEWARE:
         messages.append(
             Warning(

@@ -31,6 +31,7 @@ from .policies import policy_cache
 from .protocol import CLOSE_RATE_LIMITED, close_code_for, exceeded_event
 from .redis_client import shared_redis
 from .spend import spend_counters
+from .sweep import ensure_sweeper
 
 logger = logging.getLogger("quotas.guards")
 
@@ -76,6 +77,7 @@ class ConnectionGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "websocket" or not quota_settings.ENABLED:
             return await self.application(scope, receive, send)
+        ensure_sweeper()
         client = scope_client_ip(scope)
         snapshot = await policy_cache.aget()
         identity = await scope_identity(scope, client)

@@ -25,6 +25,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
+from dataclasses import replace as _replace
 from decimal import Decimal
 
 from channels.db import database_sync_to_async
@@ -48,6 +49,7 @@ from .pricing import (
     PER_TOKENS,
     TokenCounts,
     price_book,
+    quantize_usd,
     timestamp_to_datetime,
     to_micro,
     tool_token_counts,
@@ -210,10 +212,20 @@ def count_refusal(reason):
     budget_exceeded_total.labels(reason=reason).inc()
 
 
+def smallest_answer_micro(budget, at=None):
+    """What one answer costs at least under ``budget``'s output bound: its
+    ``max_output_tokens`` at the dearest output price known (sync: reads the price book)."""
+    rates = price_book().dearest_at(timestamp_to_datetime(time.time() if at is None else at))
+    per_token = rates.per_token_cost(rates.max_kind(OUTPUT_KINDS))
+    return to_micro(per_token * int(budget.max_output_tokens_per_response))
+
+
 async def admit_new_session(budget, counters=None, caps=None):
-    """Whether a new session may start now (spend limits, rolling-hour cap, breaker)."""
+    """Whether a new session may start now: room for one bounded answer under every spend
+    limit and the rolling-hour cap, and the breaker not open."""
     counters = counters or spend_counters()
-    admission = await counters.aadmit(budget, caps)
+    room = await database_sync_to_async(smallest_answer_micro)(budget)
+    admission = await counters.aadmit(budget, caps, room_micro=room)
     if not admission.allowed:
         count_refusal(admission.reason)
     return admission
@@ -368,16 +380,6 @@ class SessionMeter:
         output = int(self.budget.max_output_tokens_per_response)
         out_kind = self._rates.max_kind(OUTPUT_KINDS) if self._rates else "audio_output"
         return TokenCounts(text_input=text_tokens, audio_input=audio_tokens, **{out_kind: output})
-
-    def admits_response(self):
-        """Whether a new response fits the session budget: spend so far, plus the projected
-        input it re-bills, plus about one second of output audio (a quick local check; the
-        reservation is the binding one)."""
-        if self._rates is None:
-            return True
-        horizon = PROJECTION_HORIZON_SECONDS * OUTPUT_AUDIO_TOKENS_PER_SECOND
-        ahead = self._projected_input() + horizon * self._rates.audio_output / PER_TOKENS
-        return self._cost + ahead < self.budget.session_cap_usd
 
     def _start_projection(self, response_id):
         self._response_input = self._projected_input()
@@ -581,8 +583,15 @@ class SessionMeter:
         )
         return outcome
 
+    async def charge_tool_fee(self, reference, tool, calls):
+        """Book a tool's per-call fee (``ToolPrice``, on top of its tokens), once per reference."""
+        outcome, _ = await self._charge(
+            "tool_fee", str(reference), tool, lambda rates: TokenCounts(), per_call=calls
+        )
+        return outcome
+
     @database_sync_to_async
-    def _book(self, kind, reference, model, counts_of, at):
+    def _book(self, kind, reference, model, counts_of, at, per_call=0):
         from .models import QuotaSession, UsageRecord
 
         when = timestamp_to_datetime(at)
@@ -590,6 +599,9 @@ class SessionMeter:
         rates = book.rates_at(model, when)
         counts = counts_of(rates)
         cost = counts.cost(rates)
+        if per_call:
+            rates = _replace(rates, unknown=False)
+            cost = quantize_usd(book.tool_fee_at(model, when) * int(per_call))
         self._rates = book.rates_at(self.model, when)
         tokens = counts.as_dict()
         if connection.vendor == "postgresql":
@@ -667,11 +679,11 @@ class SessionMeter:
         await self._after_decision(state, at)
         return self._outcome(booking, booked=True, state=state, at=at), booking.counts
 
-    async def _charge(self, kind, reference, model, counts_of):
+    async def _charge(self, kind, reference, model, counts_of, per_call=0):
         if self.session_id is None:
             raise RuntimeError("SessionMeter.open() must be awaited before charging")
         at = self.timer()
-        booking = await self._book(kind, reference, model, counts_of, at)
+        booking = await self._book(kind, reference, model, counts_of, at, per_call)
         if booking.record_id is None:
             logger.info("replayed %s %s (session %s): not booked", kind, reference, self.session_id)
             self._cost = max(self._cost, booking.session_cost)

@@ -107,7 +107,10 @@ class TokenCounts:
 class PriceBook:
     """Every price row, by model, sorted by ``effective_from``; immutable once built."""
 
-    def __init__(self, rows):
+    def __init__(self, rows, tool_rows=()):
+        self._tools = {}
+        for tool, effective_from, price in sorted(tool_rows, key=lambda row: row[1]):
+            self._tools.setdefault(tool, []).append((effective_from, Decimal(price)))
         by_model = {}
         for model, effective_from, prices in rows:
             by_model.setdefault(model, []).append((effective_from, prices))
@@ -128,14 +131,25 @@ class PriceBook:
 
     @classmethod
     def from_database(cls):
-        """Load every ``ModelPrice`` row (sync)."""
-        from .models import ModelPrice
+        """Load every ``ModelPrice`` and ``ToolPrice`` row (sync)."""
+        from .models import ModelPrice, ToolPrice
 
         rows = [
             (row[0], row[1], tuple(row[2:]))
             for row in ModelPrice.objects.values_list("model", "effective_from", *TOKEN_KINDS)
         ]
-        return cls(rows)
+        tools = ToolPrice.objects.values_list("tool", "effective_from", "per_call_usd")
+        return cls(rows, tools)
+
+    def tool_fee_at(self, tool, when):
+        """USD per call of ``tool`` in force at ``when``; a tool without a price is charged the
+        dearest per-call price known (never free when some tool is priced)."""
+        entries = self._tools.get(tool)
+        if not entries:
+            prices = [price for rows in self._tools.values() for _, price in rows]
+            return max(prices, default=Decimal(0))
+        dates = [when_ for when_, _ in entries]
+        return entries[max(0, bisect.bisect_right(dates, when) - 1)][1]
 
     @property
     def models(self):
@@ -148,6 +162,10 @@ class PriceBook:
             return Rates(model, *self._max_at(when), unknown=True)
         index = max(0, bisect.bisect_right(dates, when) - 1)
         return Rates(model, *self._prices[model][index])
+
+    def dearest_at(self, when):
+        """Each kind's highest rate in force at ``when``, over every model (fail safe)."""
+        return Rates("*", *self._max_at(when), unknown=True)
 
     def _max_at(self, when):
         """Each kind's highest rate among the prices in force at ``when`` (rare path)."""

@@ -20,9 +20,10 @@ Operations (one script, ``op``):
 - ``settle``   replace the reservation's entry by the exact cost's (same ledger row).
 - ``release``  remove a reservation whose response never started.
 - ``charge``   add a cost that was not reserved (transcriptions, tools); never refused.
-- ``admit``    may a new session start: refused when a cap has nothing left or the breaker is
-               open; ``retry_after`` is when enough spend leaves the window (rolling), the
-               period resets (calendar), or the breaker turns half-open.
+- ``admit``    may a new session start: refused when a cap has no room for one bounded answer
+               (``amount``; 0: nothing left at all) or the breaker is open; ``retry_after``
+               is when enough spend leaves the window (rolling), the period resets
+               (calendar), or the breaker turns half-open.
 - ``read``     totals and breaker state only.
 
 Breaker state machine (one shared hash; absent means closed), watching the rolling hour:
@@ -274,12 +275,12 @@ class LocalSpend:
                 self.breaker = HALF_OPEN
             allowed, refused, retry = 1, 0, 0
             over = [0] * len(counters)
-            extra = amount if op == "reserve" else 0
+            extra = amount if op in ("reserve", "admit") else 0
             if op in ("admit", "reserve"):
                 for i, (cap, counter) in enumerate(zip(caps, counters, strict=True)):
                     if cap.cap_micro <= 0:
                         continue
-                    if op == "reserve":
+                    if extra > 0:
                         is_over = counter.total + extra > cap.cap_micro
                     else:
                         is_over = counter.total >= cap.cap_micro
@@ -680,15 +681,16 @@ class SpendCounters:
         message = refusal_message(state.reason, retry, cap)
         return Admission(False, state.reason, retry, message, state)
 
-    def admit(self, budget, caps=None):
-        """May a new session start? (sync)"""
+    def admit(self, budget, caps=None, *, room_micro=0):
+        """May a new session start: is there ``room_micro`` left under every cap (with 0:
+        anything at all)? (sync)"""
         caps = caps or self._legacy_caps(budget, None, None)
-        return self._admission(self.decide("admit", caps, budget))
+        return self._admission(self.decide("admit", caps, budget, amount=room_micro))
 
-    async def aadmit(self, budget, caps=None):
+    async def aadmit(self, budget, caps=None, *, room_micro=0):
         """May a new session start? Refusals carry the cap's reason and retry_after."""
         caps = caps or self._legacy_caps(budget, None, None)
-        return self._admission(await self.adecide("admit", caps, budget))
+        return self._admission(await self.adecide("admit", caps, budget, amount=room_micro))
 
     def admission_of(self, state):
         """A reserve/admit ``SpendState`` as an ``Admission`` (reason, message, retry)."""

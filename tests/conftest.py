@@ -94,8 +94,15 @@ async def close_worker_connections():
 def default_policies(django_db_blocker):
     """The fresh-install rules, budget and prices, also in transactional tests (which flush)."""
     from quotas.defaults import load_defaults
-    from quotas.models import BudgetPolicy, ModelPrice, PolicyVersion, RateLimitRule
+    from quotas.models import (
+        BudgetPolicy,
+        ModelPrice,
+        PolicyVersion,
+        RateLimitRule,
+        SpendLimit,
+        ToolPrice,
+    )
 
     with django_db_blocker.unblock():
-        load_defaults(RateLimitRule, BudgetPolicy, ModelPrice, PolicyVersion)
+        load_defaults(RateLimitRule, BudgetPolicy, ModelPrice, PolicyVersion, SpendLimit, ToolPrice)
     policy_cache.invalidate()

@@ -9,3 +9,5 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 QUOTAS_KEY_PREFIX = f"quotas-test-{os.getpid()}"
 # No background writer for quota events: tests flush them (quotas.events.flush()) themselves.
 QUOTAS_EVENT_FLUSH_SECONDS = 0
+# No background stale-session sweep: tests run quotas.sweep themselves.
+QUOTAS_SPEND_SWEEP_SECONDS = 0

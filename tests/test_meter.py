@@ -349,17 +349,32 @@ def test_no_missing_migrations():
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_admits_response_only_when_its_input_and_a_second_of_audio_fit(make_meter):
-    budget = BudgetSpec(session_cap_usd=Decimal("0.05"))
+async def test_a_reservation_holds_the_worst_case_and_refuses_what_cannot_fit(make_meter):
+    from quotas.models import UsageRecord
+    from quotas.pricing import TokenCounts
+
+    budget = BudgetSpec(session_cap_usd=Decimal("0.05"), max_output_tokens_per_response=10)
     meter = await make_meter(budget)
-    assert meter.admits_response()  # nothing spent, nothing pending
-    # Turn 1 booked: $0.011 spent; the conversation (70 tokens) is next turn's input.
-    meter.note_input_audio(3 * 48_000)
+    meter.note_input_audio(3 * 48_000)  # 3 s of user audio: 30 tokens
+    assert (await meter.reserve_response()).allowed
+    held = meter.reservation
+    # The input it re-bills, plus max_output_tokens at the dearest output kind.
+    assert held.counts == TokenCounts(audio_input=30, text_output=10)
+    assert held.cost == Decimal("0.005")  # 30 x $100/1M + 10 x $200/1M
+    provisional = await UsageRecord.objects.aget(session_id=meter.session_id)
+    assert provisional.estimated and provisional.cost_usd == held.cost
+    # Turn 1 settled at its exact usage: the provisional row becomes the exact one.
     booked = await meter.charge_response(done("r1", audio_usage(30, 40)))
-    assert booked.session_cost == Decimal("0.011")
-    # Next input: 70 + 20 tokens x $100/1M = $0.009; plus 1 s of output $0.004: $0.024 < $0.05.
+    assert booked.session_cost == Decimal("0.011") and meter.reservation is None
+    exact = await UsageRecord.objects.aget(session_id=meter.session_id)
+    assert (exact.pk, exact.estimated, exact.response_id) == (provisional.pk, False, "r1")
+    # Next: the conversation (70 tokens) + 2 s of audio + 10 out = $0.011 more: fits.
     meter.note_input_audio(2 * 48_000)
-    assert meter.admits_response()
-    # 8,000 characters of typed text (2,000 tokens, $0.2) would pass the cap before any audio.
-    meter.note_input_text(8_000)
-    assert not meter.admits_response()
+    assert (await meter.reserve_response()).allowed
+    await meter.charge_response(done("r2", audio_usage(90, 10)))
+    # 1,600 words of typed text (1,600 tokens, $0.16) cannot fit: refused, nothing held.
+    meter.note_input_text("word " * 1600)
+    refused = await meter.reserve_response()
+    assert not refused.allowed and refused.reason == "budget"
+    assert meter.reservation is None
+    assert await UsageRecord.objects.filter(estimated=True).acount() == 0

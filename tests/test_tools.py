@@ -398,7 +398,12 @@ async def test_web_search(search_at, caller, no_redis):
     assert body["sources"] == [{"title": "Welcome to Python.org", "url": "https://www.python.org/"}]
     assert outcome.usage == (
         ToolUsage(
-            model="gpt-5-mini", input_tokens=8123, cached_input_tokens=1024, output_tokens=345
+            model="gpt-5-mini",
+            input_tokens=8123,
+            cached_input_tokens=1024,
+            output_tokens=345,
+            per_call_tool="web_search",
+            calls=1,  # one web_search_call item: billed per call on top of the tokens
         ),
     )
     [request] = search_at.requests

@@ -27,6 +27,9 @@ class ToolUsage:
     input_tokens: int
     cached_input_tokens: int
     output_tokens: int
+    # Calls of a tool the paid service bills per call on top of tokens (web search).
+    per_call_tool: str = ""
+    calls: int = 0
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from .common import (
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 SEARCH_MODEL = "gpt-5-mini"
+TOOL_NAME = "web_search"  # the ToolPrice row of its per-call fee
+CALL = "web_search_call"  # a Responses API output item: one billed search
 SERVICE = "web search"
 MAX_QUERY_CHARS = 300
 MAX_ANSWER_CHARS = 1500
@@ -115,10 +117,17 @@ async def web_search(query):
 
 
 def response_usage(reply):
-    """The ``ToolUsage`` of a Responses API reply (empty when it reports none)."""
+    """The ``ToolUsage`` of a Responses API reply: its tokens and its web search calls (each
+    billed per call on top of the tokens); empty when it reports neither."""
     usage = reply.get("usage")
+    output = reply.get("output")
+    calls = 0
+    if isinstance(output, list):
+        calls = sum(1 for item in output if isinstance(item, dict) and item.get("type") == CALL)
     if not isinstance(usage, dict):
-        return ()
+        if not calls:
+            return ()
+        usage = {}
     details = usage.get("input_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else 0
     return (
@@ -129,6 +138,8 @@ def response_usage(reply):
             input_tokens=_count(usage.get("input_tokens")),
             cached_input_tokens=_count(cached),
             output_tokens=_count(usage.get("output_tokens")),
+            per_call_tool=TOOL_NAME,
+            calls=calls,
         ),
     )
 

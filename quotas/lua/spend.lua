@@ -8,7 +8,8 @@
 --           hour_index (the counter the breaker watches; 0: none), n, then per counter:
 --           window_ms (0: entries never expire), cap (0: counted, never refused), ttl_s,
 --           shadow (1: never refuses), resets_at_ms (calendar period end; 0: none)
--- op        read | admit | reserve | charge | settle | release
+-- op        read | admit | reserve | charge | settle | release (admit: room for `amount`,
+--           or, with 0, anything left at all)
 -- Returns   {allowed, refused (counter index, -1 breaker, 0 none), retry_ms, state, tripped,
 --           until_ms, state_before, added, total_1..total_n, over_1..over_n}
 
@@ -82,13 +83,14 @@ end
 
 local allowed, refused, retry = 1, 0, 0
 local over = {}
+-- admit with an amount: is there room for that much (e.g. one bounded answer)?
 local extra = 0
-if op == 'reserve' then extra = amount end
+if op == 'reserve' or op == 'admit' then extra = amount end
 for c = 1, n do
   over[c] = 0
   if (op == 'admit' or op == 'reserve') and cap[c] > 0 then
     local is_over
-    if op == 'reserve' then is_over = total[c] + extra > cap[c] else is_over = total[c] >= cap[c] end
+    if extra > 0 then is_over = total[c] + extra > cap[c] else is_over = total[c] >= cap[c] end
     if is_over then
       over[c] = 1
       if not shadow[c] and allowed == 1 and state ~= 'open' then
