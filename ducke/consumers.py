@@ -42,7 +42,7 @@ from quotas.conf import quota_settings
 from quotas.guards import scope_client_ip, session_slots
 from quotas.meter import SessionMeter
 from quotas.policies import policy_cache
-from quotas.protocol import CLOSE_BUDGET, CLOSE_PAUSED, exceeded_event
+from quotas.protocol import CLOSE_PAUSED, close_code_for, exceeded_event, refusal_message
 from quotas.spend import BREAKER_GROUP
 
 logger = logging.getLogger("ducke.session")
@@ -56,10 +56,6 @@ SLOT_REFRESH_SECONDS = 30
 DRAIN_SECONDS = 10
 BOOKING_RETRY_SECONDS = 1.0
 CHANNEL_LAYER_RETRY_SECONDS = 0.5
-CUTOFF_MESSAGES = {
-    "budget": ("This session has used up its budget.", CLOSE_BUDGET),
-    "breaker": ("DUCK-E is paused because spending rose unusually fast.", CLOSE_PAUSED),
-}
 
 
 # What browsers (JSON.stringify) and Python (json.dumps) send for an audio chunk. A frame of
@@ -557,8 +553,11 @@ class SessionConsumer(AsyncWebsocketConsumer):
     async def _after_response(self):
         """After a booked response: end the session on a cutoff, else answer pending tools."""
         if self.cutoff and not self.closing:
-            message, code = CUTOFF_MESSAGES[self.cutoff]
-            await self.close_with(code, exceeded_event(self.cutoff, message, 0), self.cutoff)
+            await self.close_with(
+                close_code_for(self.cutoff),
+                exceeded_event(self.cutoff, refusal_message(self.cutoff), 0),
+                self.cutoff,
+            )
             return
         await self._flush_tool_outputs()
 

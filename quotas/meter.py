@@ -259,6 +259,7 @@ class SessionMeter:
         self.started = None
         self.closed = False
         self.reservation = None
+        self._limit_room = None
         self._cost = Decimal(0)
         self._hour_usd = Decimal(0)
         self._state = None  # the latest spend decision (status, warnings)
@@ -387,8 +388,8 @@ class SessionMeter:
         self._response_out_bytes = 0
 
     def note_output_audio(self, response_id, nbytes):
-        """Add an output audio delta; returns "budget" or "breaker" once per response when the
-        projected spend would pass the session cap (or the rolling hour the breaker threshold)
+        """Add an output audio delta; returns a reason ("budget", "breaker", or a spend limit's
+        or the hourly cap's) once per response when the projected spend would pass that cap
         within about one more second of output audio: the relay then cancels the response."""
         if self._rates is None:
             return None
@@ -407,6 +408,13 @@ class SessionMeter:
         if self._hour_usd + ahead >= self.budget.breaker_threshold_usd:
             self._signalled.add(response_id)
             return "breaker"
+        if self.reservation is not None and self._limit_room is not None:
+            # Past its hold (an upstream that ignores max_output_tokens): the spend limits
+            # and the hourly cap only have their room beyond the hold left.
+            reason, room = self._limit_room
+            if ahead >= self.reservation.cost + room:
+                self._signalled.add(response_id)
+                return reason
         return None
 
     def _learn_context(self, counts):
@@ -457,8 +465,21 @@ class SessionMeter:
             )
             return admission
         self.reservation = reservation
+        self._limit_room = self._room_beyond(state)
         reservation.record_id = await self._book_provisional(reservation, at)
         return Admission(True, state=state)
+
+    @staticmethod
+    def _room_beyond(state):
+        """(reason, USD) the tightest spend limit or hourly cap leaves beyond a hold."""
+        room = None
+        for cap, micro in state.totals:
+            if cap.name == SESSION or cap.shadow or cap.cap_micro <= 0:
+                continue
+            left = Decimal(max(0, cap.cap_micro - micro)) / 1_000_000
+            if room is None or left < room[1]:
+                room = (cap.reason, left)
+        return room
 
     def note_response_started(self, response_id):
         """Upstream created the reserved response (its id will settle the reservation)."""

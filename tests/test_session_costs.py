@@ -293,3 +293,25 @@ async def test_next_question_right_after_an_answer_waits_for_its_booking(relay_a
     one_second_of_audio = Decimal(20) * await audio_output_price() / Decimal(1_000_000)
     assert sessions[0].end_reason == "budget"
     assert sessions[0].cost_usd <= cap + one_second_of_audio
+
+
+async def test_an_overrunning_answer_is_cut_off_at_the_clients_spend_limit(relay_app, simulator):
+    from quotas.models import SpendLimit
+
+    simulator.pace = 1.0
+    simulator.fault = "ignore_max_output_tokens"
+    await price_audio_output_only()
+    one_second_of_audio = Decimal(20) * Decimal(64) / Decimal(1_000_000)
+    cap = Decimal("0.005")  # about 3.9 s of audio
+    await sync_to_async(SpendLimit.objects.filter(name="client-hour").update)(cap_usd=cap)
+    await set_budget(max_output_tokens_per_response=20)
+    browser = await open_session(relay_app)
+    await ask(browser, "Explain in detail why my recursive parser overflows the stack.")
+    events = await browser.receive_until("websocket.close", timeout=20)
+    assert events[-1] == {"type": "websocket.close", "code": 4402}
+    assert [e["reason"] for e in events if e["type"] == "quota.exceeded"] == ["client_budget"]
+    done = [e for e in events if e["type"] == "response.done"]
+    assert done and done[0]["response"]["status"] == "cancelled"
+    sessions, _ = await wait_for_ledger_close()
+    assert sessions[0].end_reason == "client_budget"
+    assert cap - 2 * one_second_of_audio <= sessions[0].cost_usd <= cap + one_second_of_audio

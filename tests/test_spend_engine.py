@@ -318,3 +318,50 @@ def test_redis_script_and_twin_decide_alike(operations, redis_url, settings):
         keys = list(client.scan_iter(f"{prefix}:*"))
         if keys:
             client.delete(*keys)
+
+
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+async def test_rebuild_restores_every_counter_and_the_running_reservation(
+    redis_url, redis_prefix, settings, default_policies
+):
+    """Redis loses everything while a response is reserved: the ledger brings back the
+    session, client, hour counters and the hold itself, and settling then counts once."""
+    import redis as redis_py
+
+    from quotas.meter import SessionMeter
+    from quotas.policies import policy_cache
+
+    settings.QUOTAS_BUDGET_TIMEZONE = "UTC"
+    link = SharedRedis(redis_url)
+    counters = SpendCounters(link, prefix=redis_prefix, ledger=True)
+    snapshot = await policy_cache.aget()
+    meter = SessionMeter(
+        "10.0.0.5",
+        "gpt-realtime",
+        snapshot.budget,
+        counters=counters,
+        limits=snapshot.spend_limits,
+    )
+    await meter.open()
+    await meter.charge_transcription("item_1", {"type": "duration", "seconds": 3}, "gpt-realtime")
+    meter.note_input_text("Why does my loop never end?")
+    assert (await meter.reserve_response()).allowed
+    before = await counters.adecide("read", meter.caps(), snapshot.budget)
+    held = meter.reservation.micro
+    assert before.session_micro > held > 0
+    client = redis_py.Redis.from_url(redis_url)
+    client.delete(*client.keys(f"{redis_prefix}:spend:*"))
+    assert (await counters.adecide("read", meter.caps(), snapshot.budget)).session_micro == 0
+    await counters.arebuild_from_ledger()
+    after = await counters.adecide("read", meter.caps(), snapshot.budget)
+    assert [total for _, total in after.totals] == [total for _, total in before.totals]
+    usage = {"input_tokens": 50, "output_tokens": 20}
+    await meter.charge_response({"type": "response.done", "response": {"id": "r1", "usage": usage}})
+    settled = await counters.adecide("read", meter.caps(), snapshot.budget)
+    assert settled.session_micro < after.session_micro  # the hold was replaced, not added to
+    from quotas.models import UsageRecord
+
+    ledger = sum([r.cost_usd async for r in UsageRecord.objects.all()])
+    assert all(total == int(ledger * USD) for _, total in settled.totals)
+    await meter.close("client_closed")
