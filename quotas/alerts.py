@@ -1,17 +1,19 @@
-"""Operator alerts: the spend breaker and the hourly cap reach a human by email and webhook.
+"""Operator alerts: breaker, hourly cap and spend limits reach a human by email and webhook.
 
-Contract (the budget code calls this when the breaker trips or resets and at 80 %/100 % of
-the hourly cap)::
+Contract (the budget code calls this when the breaker trips or resets, at 80 %/100 % of the
+hourly cap, and when a key passes a spend limit's ``alert_at_percent`` or a shadow limit's
+cap; see ``quotas.notifications``)::
 
-    send_alert(event, subject, message, *, dedupe_key, details=None) -> bool
+    send_alert(event, subject, message, *, dedupe_key, details=None, dedupe_seconds=None) -> bool
 
 ``event`` is one of ``EVENTS``; an unknown event is a programming error and raises
 ``ValueError``. Nothing else ever raises into the caller: delivery problems are logged.
 The return value is False when the alert was deduplicated (or could not be queued), True
 when it was accepted for delivery.
 
-Deduplication: one alert per ``(event, dedupe_key)`` within ``QUOTAS_ALERT_DEDUPE_SECONDS``,
-claimed with ``cache.add()`` on Django's default cache, which is atomic. With django-redis
+Deduplication: one alert per ``(event, dedupe_key)`` within ``QUOTAS_ALERT_DEDUPE_SECONDS``
+(or ``dedupe_seconds``, when the caller knows how long its key stays meaningful), claimed
+with ``cache.add()`` on Django's default cache, which is atomic. With django-redis
 (``REDIS_URL`` set) the claim is shared by every instance, so exactly one of them sends;
 with the local-memory cache dedupe is per process and each instance sends its own copy.
 If the cache cannot be reached the alert is sent (a duplicate beats a missed alert).
@@ -29,6 +31,7 @@ import atexit
 import hashlib
 import json
 import logging
+import math
 import queue
 import re
 import threading
@@ -48,7 +51,16 @@ from quotas.conf import quota_settings
 
 logger = logging.getLogger("quotas.alerts")
 
-EVENTS = frozenset({"breaker_open", "breaker_reset", "hourly_80", "hourly_100"})
+EVENTS = frozenset(
+    {
+        "breaker_open",
+        "breaker_reset",
+        "hourly_80",
+        "hourly_100",
+        "spend_limit_alert",
+        "spend_limit_shadow_over",
+    }
+)
 SUBJECT_PREFIX = "[DUCK-E] "
 REDACTED = "[redacted]"
 _SECRET_NAMES = re.compile(r"key|secret|token|passw|authorization|credential|cookie", re.I)
@@ -195,12 +207,12 @@ class AlertDispatcher:
         self._pending = 0
         self._idle = threading.Condition()
 
-    def send_alert(self, event, subject, message, *, dedupe_key, details=None):
+    def send_alert(self, event, subject, message, *, dedupe_key, details=None, dedupe_seconds=None):
         """Queue an alert for every configured channel; False if deduplicated or not queued."""
         if event not in EVENTS:
             raise ValueError(f"unknown alert event {event!r}; expected one of {sorted(EVENTS)}")
         try:
-            if not self._claim(event, dedupe_key):
+            if not self._claim(event, dedupe_key, dedupe_seconds):
                 logger.info("alert %s (%s) deduplicated", event, subject)
                 return False
             return self._queue(self._alert(event, subject, message, details))
@@ -223,13 +235,15 @@ class AlertDispatcher:
             thread.join(timeout)
         self._threads = []
 
-    def _claim(self, event, dedupe_key):
+    def _claim(self, event, dedupe_key, dedupe_seconds=None):
         digest = hashlib.sha256(str(dedupe_key).encode()).hexdigest()[:32]
         key = f"{quota_settings.KEY_PREFIX}:alert:{event}:{digest}"
+        if dedupe_seconds is None:
+            timeout = quota_settings.ALERT_DEDUPE_SECONDS
+        else:
+            timeout = max(1, math.ceil(dedupe_seconds))
         try:
-            added = caches[self.cache_alias].add(
-                key, 1, timeout=quota_settings.ALERT_DEDUPE_SECONDS
-            )
+            added = caches[self.cache_alias].add(key, 1, timeout=timeout)
         except Exception:
             logger.warning("alert dedupe cache unavailable; sending %s anyway", event)
             return True
@@ -336,18 +350,42 @@ dispatcher = AlertDispatcher()
 
 
 def send_alert(
-    event: str, subject: str, message: str, *, dedupe_key: str, details: dict | None = None
+    event: str,
+    subject: str,
+    message: str,
+    *,
+    dedupe_key: str,
+    details: dict | None = None,
+    dedupe_seconds: float | None = None,
 ) -> bool:
     """Send an operator alert once per dedupe window without blocking; see the module doc."""
-    return dispatcher.send_alert(event, subject, message, dedupe_key=dedupe_key, details=details)
+    return dispatcher.send_alert(
+        event,
+        subject,
+        message,
+        dedupe_key=dedupe_key,
+        details=details,
+        dedupe_seconds=dedupe_seconds,
+    )
 
 
 async def asend_alert(
-    event: str, subject: str, message: str, *, dedupe_key: str, details: dict | None = None
+    event: str,
+    subject: str,
+    message: str,
+    *,
+    dedupe_key: str,
+    details: dict | None = None,
+    dedupe_seconds: float | None = None,
 ) -> bool:
     """``send_alert`` for async callers: the dedupe cache call runs off the event loop."""
     return await sync_to_async(send_alert, thread_sensitive=False)(
-        event, subject, message, dedupe_key=dedupe_key, details=details
+        event,
+        subject,
+        message,
+        dedupe_key=dedupe_key,
+        details=details,
+        dedupe_seconds=dedupe_seconds,
     )
 
 

@@ -7,8 +7,16 @@ chart description. ``cells()`` gives the exact strings shown in the page's table
 also what CSV, ``--format table`` and (typed) ``--format json`` print.
 
 Report names (``REPORTS``): spend-by-hour, spend-by-day, spend-by-model, spend-by-token-kind,
-budget, top-sessions, top-clients, sessions-by-end-reason, violations, breaker-events,
-tool-calls.
+budget, top-sessions, top-clients, top-users, sessions-by-end-reason, violations,
+budget-refusals, breaker-events, tool-calls.
+
+``top-clients`` and ``top-users`` also show, for each row, the tightest enforced spend limit
+that applies to it (``key=client`` limits for a client; ``key=user`` limits, with the user's
+tiers, for a user): the one with the least left in its current window, which ends now (a
+rolling window) or began at the period start (a calendar day, week or month in
+``QUOTAS_BUDGET_TIMEZONE``), whatever the report's range. The spend in each distinct window
+is one conditional ``Sum`` over the ledger in the report's single query; Python picks the
+tightest limit per row from those few sums.
 """
 
 import csv
@@ -18,10 +26,28 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from django.db.models import Case, Count, IntegerField, Max, Min, Q, Sum, Value, When
-from django.db.models.functions import Coalesce, TruncDay, TruncHour
+from django.contrib.auth import get_user_model
+from django.db.models import (
+    Case,
+    CharField,
+    Count,
+    DecimalField,
+    Exists,
+    F,
+    IntegerField,
+    Max,
+    Min,
+    OuterRef,
+    Q,
+    Sum,
+    Value,
+    When,
+)
+from django.db.models.functions import Coalesce, Substr, TruncDay, TruncHour
 from django.utils import timezone
 
+from .caps import Identity, applicable_limits, period_bounds
+from .conf import quota_settings
 from .defaults import TOKEN_KINDS
 from .models import (
     BreakerEvent,
@@ -39,6 +65,26 @@ TOP_N = 20
 MAX_EVENT_ROWS = 500
 ZERO = Decimal("0.000000")
 TOOL_STATUSES = ("ok", "refused", "failed", "invalid")
+BUDGET_RULE_PREFIX = "budget:"  # connect refusals recorded as RateLimitViolation rows
+# Session end reasons that are a budget refusing the session mid-way.
+SESSION_REFUSALS = (
+    "budget",
+    "client_budget",
+    "user_budget",
+    "global_budget",
+    "hourly_cap",
+    "breaker",
+)
+CAP_OF_REASON = {
+    "budget": "session cap",
+    "client_budget": "client spend limit",
+    "user_budget": "user spend limit",
+    "global_budget": "global spend limit",
+    "hourly_cap": "hourly cap",
+    "breaker": "circuit breaker",
+    "concurrent_sessions": "concurrent sessions per client",
+}
+AT_CONNECT, IN_SESSION = "at connect", "in session"
 
 
 @dataclass(frozen=True)
@@ -313,24 +359,184 @@ def top_sessions(period):
     return ReportResult("top-sessions", "Top sessions", period, columns, rows, chart)
 
 
-def top_clients(period):
-    """The clients whose sessions (started in the period) cost the most."""
-    rows = list(
-        _sessions(period)
-        .values("client")
-        .annotate(sessions=Count("id"), cost_usd=Sum("cost_usd"), last_started=Max("started_at"))
-        .order_by("-cost_usd", "client")[:TOP_N]
+@dataclass(frozen=True)
+class LimitWindow:
+    """The current window of one spend limit: ledger rows after (or from) ``since`` count."""
+
+    limit: object  # a ``SpendLimitSpec``
+    alias: str  # the conditional Sum's column in the report query
+    since: datetime
+    inclusive: bool  # calendar periods include their start; rolling windows exclude it
+
+    @property
+    def label(self):
+        if self.limit.period == "rolling":
+            return f"rolling {self.limit.window_seconds} s"
+        return self.limit.period
+
+
+def _limit_windows(limits, now):
+    """A ``LimitWindow`` per limit; limits whose windows start together share one column."""
+    tz = quota_settings.budget_timezone
+    columns, windows = {}, []
+    for limit in limits:
+        if limit.period == "rolling":
+            since, inclusive = now - timedelta(seconds=int(limit.window_seconds or 3600)), False
+        else:
+            start, _ = period_bounds(limit.period, now.timestamp(), tz)
+            since, inclusive = datetime.fromtimestamp(start, tz=now.tzinfo), True
+        alias = columns.setdefault((since, inclusive), f"window_{len(columns)}")
+        windows.append(LimitWindow(limit, alias, since, inclusive))
+    return windows
+
+
+def _window_sums(windows):
+    """One conditional Sum of the sessions' ledger rows per distinct window."""
+    sums = {}
+    for window in windows:
+        lookup = "usage__created_at__gte" if window.inclusive else "usage__created_at__gt"
+        sums[window.alias] = Sum("usage__cost_usd", filter=Q(**{lookup: window.since}))
+    return sums
+
+
+def _in_scope(period, windows):
+    """Sessions started in the period, and those that may have spend in a current window."""
+    scope = Q(started_at__gte=period.since, started_at__lt=period.until)
+    if windows:
+        earliest = min(window.since for window in windows)
+        scope |= Q(ended_at__isnull=True) | Q(ended_at__gte=earliest)
+    return scope
+
+
+def _money_sum(expression, **options):
+    return Coalesce(
+        Sum(expression, **options),
+        Value(ZERO),
+        output_field=DecimalField(max_digits=14, decimal_places=6),
     )
+
+
+def _tightest(row, windows):
+    """Fill the row's limit columns with the enforced limit that has the least left."""
+    best = None
+    for window in windows:
+        if window.limit.shadow:  # counted, never refused: not what stops this row
+            continue
+        cap = _usd(window.limit.cap_usd)
+        spent = _usd(row.get(window.alias))
+        key = (cap - spent, cap)
+        if best is None or key < best[0]:
+            best = (key, window, cap, spent)
+    row.update(limit_name="", limit_window="", limit_cap_usd=None, limit_spent_usd=None)
+    row["limit_percent"] = None
+    if best is None:
+        return
+    _, window, cap, spent = best
+    row.update(
+        limit_name=window.limit.name,
+        limit_window=window.label,
+        limit_cap_usd=cap,
+        limit_spent_usd=spent,
+        limit_percent=(spent / cap * 100).quantize(Decimal("0.1")),
+    )
+
+
+LIMIT_COLUMNS = (
+    Column("limit_name", "tightest limit"),
+    Column("limit_window", "its window"),
+    Column("limit_cap_usd", "limit cap (USD)", "usd"),
+    Column("limit_spent_usd", "spent in the window (USD)", "usd"),
+    Column("limit_percent", "% of the limit", "percent"),
+)
+LIMIT_NOTE = (
+    "Tightest limit: the enforced spend limit with the least left in its current window "
+    "(ending now, or since the calendar period began), from the ledger; the date range "
+    "does not apply to it."
+)
+
+
+def _spend_limits(key):
+    from .policies import policy_cache
+
+    return [limit for limit in policy_cache.get().spend_limits if limit.key == key]
+
+
+def _top_by(period, group, windows, *, sessions_filter=None, extra=None):
+    """The report query of top-clients / top-users: one aggregated query over the sessions."""
+    in_period = Q(started_at__gte=period.since, started_at__lt=period.until)
+    queryset = QuotaSession.objects.filter(_in_scope(period, windows))
+    if sessions_filter is not None:
+        queryset = queryset.filter(sessions_filter)
+    if extra:
+        queryset = queryset.annotate(**extra)
+    return list(
+        queryset.values(*group, *(extra or ()))
+        .annotate(
+            sessions=Count("id", filter=in_period, distinct=True),
+            # The ledger of the period's sessions: their cost, as their cost_usd totals are.
+            cost_usd=_money_sum("usage__cost_usd", filter=in_period),
+            last_started=Max("started_at", filter=in_period),
+            **_window_sums(windows),
+        )
+        .filter(sessions__gt=0)
+        .order_by("-cost_usd", *group)[:TOP_N]
+    )
+
+
+def top_clients(period, *, now=None):
+    """The clients whose sessions (started in the period) cost the most, against their limit."""
+    now = now or timezone.now()
+    limits = applicable_limits(_spend_limits("client"), Identity(client="-"))
+    windows = _limit_windows(limits, now)
+    rows = _top_by(period, ("client",), windows)
     for row in rows:
         row["cost_usd"] = _usd(row["cost_usd"])
+        _tightest(row, windows)
     columns = (
         Column("client", "client"),
         Column("sessions", "sessions", "int"),
         Column("cost_usd", "cost (USD)", "usd"),
         Column("last_started", "last session", "datetime"),
+        *LIMIT_COLUMNS,
     )
     chart = Chart("bar", "client", ("cost_usd",), f"Top {TOP_N} clients by cost (USD)")
-    return ReportResult("top-clients", "Top clients", period, columns, rows, chart)
+    return ReportResult("top-clients", "Top clients", period, columns, rows, chart, [LIMIT_NOTE])
+
+
+def top_users(period, *, now=None):
+    """The signed-in users whose sessions (started in the period) cost the most."""
+    now = now or timezone.now()
+    limits = _spend_limits("user")
+    windows = _limit_windows(limits, now)
+    memberships = get_user_model().groups.through.objects
+    tiers = sorted({limit.group_id for limit in limits if limit.group_id is not None})
+    # Membership of each tier's group rides along as a grouped column of the same query.
+    extra = {
+        f"in_group_{group_id}": Exists(
+            memberships.filter(user_id=OuterRef("user_id"), group_id=group_id)
+        )
+        for group_id in tiers
+    }
+    username = f"user__{get_user_model().USERNAME_FIELD}"
+    rows = _top_by(
+        period, ("user", username), windows, sessions_filter=Q(user__isnull=False), extra=extra
+    )
+    for row in rows:
+        row["username"] = row.pop(username)
+        row["cost_usd"] = _usd(row["cost_usd"])
+        groups = frozenset(group_id for group_id in tiers if row.pop(f"in_group_{group_id}"))
+        mine = applicable_limits(limits, Identity("-", row["user"], groups))
+        _tightest(row, [window for window in windows if window.limit in mine])
+    columns = (
+        Column("username", "user"),
+        Column("sessions", "sessions", "int"),
+        Column("cost_usd", "cost (USD)", "usd"),
+        Column("last_started", "last session", "datetime"),
+        *LIMIT_COLUMNS,
+    )
+    chart = Chart("bar", "username", ("cost_usd",), f"Top {TOP_N} users by cost (USD)")
+    notes = ["Signed-in users only: anonymous sessions count per client.", LIMIT_NOTE]
+    return ReportResult("top-users", "Top users", period, columns, rows, chart, notes)
 
 
 def sessions_by_end_reason(period):
@@ -386,6 +592,52 @@ def violations(period):
     )
     chart = Chart("hbar", "label", ("hits",), "Refused hits by rule and endpoint")
     return ReportResult("violations", "Rate-limit violations", period, columns, rows, chart)
+
+
+def budget_refusals(period):
+    """Refusals by a budget: at connect (recorded violations) and mid-session (end reasons)."""
+    place = CharField()
+    at_connect = (
+        RateLimitViolation.objects.filter(
+            minute__gte=period.since,
+            minute__lt=period.until,
+            rule__startswith=BUDGET_RULE_PREFIX,
+            shadow=False,
+        )
+        .annotate(
+            reason=Substr("rule", len(BUDGET_RULE_PREFIX) + 1, output_field=CharField()),
+            place=Value(AT_CONNECT, output_field=place),
+        )
+        .values("reason", "place")
+        .annotate(refusals=Sum("count"))
+        .order_by()
+    )
+    in_session = (
+        QuotaSession.objects.filter(
+            ended_at__gte=period.since, ended_at__lt=period.until, end_reason__in=SESSION_REFUSALS
+        )
+        .annotate(reason=F("end_reason"), place=Value(IN_SESSION, output_field=place))
+        .values("reason", "place")
+        .annotate(refusals=Count("id"))
+        .order_by()
+    )
+    rows = list(at_connect.union(in_session, all=True))
+    rows.sort(key=lambda row: (-row["refusals"], row["reason"], row["place"]))
+    for row in rows:
+        row["cap"] = CAP_OF_REASON.get(row["reason"], row["reason"])
+        row["label"] = f"{row['reason']} ({row['place']})"
+    columns = (
+        Column("cap", "cap"),
+        Column("reason", "reason"),
+        Column("place", "where"),
+        Column("refusals", "refusals", "int"),
+    )
+    notes = [
+        "At connect: sessions refused before they started (per minute counts). In session: "
+        "sessions a budget ended (a refused reservation, or the breaker), by when they ended."
+    ]
+    chart = Chart("hbar", "label", ("refusals",), "Budget refusals by cap and reason")
+    return ReportResult("budget-refusals", "Budget refusals", period, columns, rows, chart, notes)
 
 
 def breaker_events(period):
@@ -479,7 +731,18 @@ REPORTS = {
             budget_utilisation,
         ),
         Report("top-sessions", "Top sessions", "The most expensive sessions.", top_sessions),
-        Report("top-clients", "Top clients", "The clients that cost the most.", top_clients),
+        Report(
+            "top-clients",
+            "Top clients",
+            "The clients that cost the most, and their tightest spend limit now.",
+            top_clients,
+        ),
+        Report(
+            "top-users",
+            "Top users",
+            "The signed-in users who cost the most, and their tightest spend limit now.",
+            top_users,
+        ),
         Report(
             "sessions-by-end-reason",
             "Sessions by end reason",
@@ -491,6 +754,12 @@ REPORTS = {
             "Rate-limit violations",
             "Refused requests, connections and tool calls by rule and endpoint.",
             violations,
+        ),
+        Report(
+            "budget-refusals",
+            "Budget refusals",
+            "Sessions refused or ended by a budget, by cap and reason, at connect or mid-session.",
+            budget_refusals,
         ),
         Report(
             "breaker-events",

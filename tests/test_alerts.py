@@ -101,7 +101,17 @@ def test_email_and_webhook_delivered(dispatcher, alert_settings, webhook_receive
     assert payload["occurred_at"] == "2027-01-15T08:00:00+00:00"
 
 
-@pytest.mark.parametrize("event", ["breaker_open", "breaker_reset", "hourly_80", "hourly_100"])
+@pytest.mark.parametrize(
+    "event",
+    [
+        "breaker_open",
+        "breaker_reset",
+        "hourly_80",
+        "hourly_100",
+        "spend_limit_alert",
+        "spend_limit_shadow_over",
+    ],
+)
 def test_every_contract_event_is_accepted(dispatcher, alert_settings, webhook_receiver, event):
     assert dispatcher.send_alert(event, "s", "m", dedupe_key=key()) is True
     assert dispatcher.flush(5)
@@ -158,6 +168,28 @@ def test_dedupe_claim_is_shared_through_redis(
         assert 0 < client.ttl(keys[0]) <= 30
         assert dispatcher.flush(5)
         assert len(webhook_receiver.requests) == 1
+    finally:
+        for stale in client.scan_iter(f"*{settings.QUOTAS_KEY_PREFIX}:*"):
+            client.delete(stale)
+
+
+@pytest.mark.redis
+def test_caller_chosen_dedupe_seconds_set_the_claims_lifetime(
+    settings, redis_url, dispatcher, alert_settings
+):
+    settings.CACHES = {
+        "default": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": redis_url}
+    }
+    settings.QUOTAS_KEY_PREFIX = f"quotas-test-{uuid.uuid4().hex[:12]}"
+    settings.QUOTAS_ALERT_DEDUPE_SECONDS = 30
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert dispatcher.send_alert(
+            "spend_limit_alert", "s", "m", dedupe_key=key(), dedupe_seconds=86_400.5
+        )
+        (claim,) = client.scan_iter(f"*{settings.QUOTAS_KEY_PREFIX}:alert:spend_limit_alert:*")
+        assert 86_000 < client.ttl(claim) <= 86_401
+        assert dispatcher.flush(5)
     finally:
         for stale in client.scan_iter(f"*{settings.QUOTAS_KEY_PREFIX}:*"):
             client.delete(stale)

@@ -315,3 +315,310 @@ def test_command_prints_the_same_figures_in_every_format(admin_client, ledger):
 def test_command_bad_dates(db, args, message):
     with pytest.raises(CommandError, match=message):
         run(*args)
+
+
+# -- top users, limits against their tightest spend limit, budget refusals -------------------
+
+
+@pytest.fixture
+def spenders(db):
+    """Users (one in the gold tier) and clients with spend in and around the current windows.
+
+    Besides the fresh-install client limits (client-hour $10 / 3600 s, client-day $20 /
+    86400 s): user-hour $3 (gold: $6) per hour, user-day $5 per rolling day, a shadow
+    $0.50 per 10 min and a disabled $0.01 (neither may be the tightest).
+    """
+    from django.contrib.auth.models import Group
+    from django.utils import timezone
+
+    from quotas.models import SpendLimit
+
+    now = timezone.now()
+    users = get_user_model().objects
+    gold = Group.objects.create(name="gold")
+    ann = users.create_user("ann", password="pw")
+    ann.groups.add(gold)
+    bob = users.create_user("bob", password="pw")
+    carl = users.create_user("carl", password="pw")
+    rolling = {"key": "user", "period": "rolling"}
+    SpendLimit.objects.create(name="user-hour", cap_usd="3", window_seconds=3600, **rolling)
+    SpendLimit.objects.create(
+        name="gold-hour", cap_usd="6", window_seconds=3600, group=gold, **rolling
+    )
+    SpendLimit.objects.create(name="user-day", cap_usd="5", window_seconds=86400, **rolling)
+    SpendLimit.objects.create(
+        name="watch", cap_usd="0.50", window_seconds=600, shadow=True, **rolling
+    )
+    SpendLimit.objects.create(
+        name="off", cap_usd="0.01", window_seconds=3600, enabled=False, **rolling
+    )
+
+    def session(client, started, usage, user=None, open_=False):
+        started_at = now - started
+        last = max((now - ago for ago, _ in usage), default=started_at)
+        row = make_session(
+            client,
+            started_at=started_at,
+            user=user,
+            ended_at=None if open_ else last + timedelta(minutes=1),
+            end_reason="" if open_ else "client_closed",
+        )
+        for ago, cost in usage:
+            make_usage(row, now - ago, cost)
+        row.cost_usd = sum(Decimal(cost) for _, cost in usage)
+        row.save()
+        return row
+
+    minutes = lambda n: timedelta(minutes=n)  # noqa: E731
+    # ann: two sessions in the range, and an open one from before it still spending now.
+    a1 = session("203.0.113.1", minutes(180), [(minutes(175), "2.00")], ann)
+    a2 = session("203.0.113.1", minutes(30), [(minutes(20), "1.50")], ann)
+    session("203.0.113.1", timedelta(days=8), [(minutes(10), "0.25")], ann, open_=True)
+    # bob: one session now, one long ago; an anonymous session on bob's client.
+    b1 = session("203.0.113.2", minutes(40), [(minutes(30), "2.40")], bob)
+    session("203.0.113.2", timedelta(days=10), [(timedelta(days=10), "9.00")], bob)
+    anon = session("203.0.113.2", minutes(90), [(minutes(80), "4.00")])
+    # carl: nothing started in the range (a window sum alone makes no row).
+    session("203.0.113.3", timedelta(days=9), [(minutes(5), "0.70")], carl, open_=True)
+    return {"now": now, "ann": (a1, a2), "bob": b1, "anon": anon}
+
+
+def shown(moment):
+    from django.utils import timezone
+
+    return timezone.localtime(moment).strftime("%Y-%m-%d %H:%M")
+
+
+def test_top_users_show_their_tightest_limit(admin_client, spenders):
+    ann_last, bob_last = shown(spenders["ann"][1].started_at), shown(spenders["bob"].started_at)
+    page = admin_client.get(f"{BASE}top-users/")
+    assert page.status_code == 200
+    assert parse(page).rows == [
+        # gold replaces user-hour for ann: $6 - 1.75 left, user-day $5 - 3.75 is tighter.
+        [
+            "ann",
+            "2",
+            "3.500000",
+            ann_last,
+            "user-day",
+            "rolling 86400 s",
+            "5.000000",
+            "3.750000",
+            "75.0",
+        ],
+        [
+            "bob",
+            "1",
+            "2.400000",
+            bob_last,
+            "user-hour",
+            "rolling 3600 s",
+            "3.000000",
+            "2.400000",
+            "80.0",
+        ],
+    ]
+    content = page.content.decode()
+    assert "Signed-in users only" in content
+    download = admin_client.get(f"{BASE}top-users/", {"format": "csv"})
+    lines = list(csv.reader(io.StringIO(download.content.decode())))
+    assert lines[0] == [
+        "user",
+        "sessions",
+        "cost (USD)",
+        "last session",
+        "tightest limit",
+        "its window",
+        "limit cap (USD)",
+        "spent in the window (USD)",
+        "% of the limit",
+    ]
+    assert lines[1:] == parse(page).rows
+
+
+def test_top_clients_show_their_tightest_client_limit(admin_client, spenders):
+    hour = ["client-hour", "rolling 3600 s", "10.000000"]
+    page = admin_client.get(f"{BASE}top-clients/")
+    assert parse(page).rows == [
+        [
+            "203.0.113.2",
+            "2",
+            "6.400000",
+            shown(spenders["bob"].started_at),
+            *hour,
+            "2.400000",
+            "24.0",
+        ],
+        [
+            "203.0.113.1",
+            "2",
+            "3.500000",
+            shown(spenders["ann"][1].started_at),
+            *hour,
+            "1.750000",
+            "17.5",
+        ],
+    ]
+
+
+def test_a_calendar_limit_window_starts_at_local_midnight(db, settings):
+    from quotas.models import SpendLimit
+    from quotas.reports import Period, cells, top_clients
+
+    settings.QUOTAS_BUDGET_TIMEZONE = "America/New_York"
+    SpendLimit.objects.create(name="client-today", key="client", cap_usd="1.50", period="day")
+    session = make_session("192.0.2.7", started_at=at("2026-11-20 04:00"))
+    make_usage(session, at("2026-11-20 04:30"), "2.00")  # 23:30 the day before, in New York
+    make_usage(session, at("2026-11-20 06:00"), "1.00")  # 01:00 local: today
+    session.cost_usd = Decimal("3.00")
+    session.save()
+    period = Period(at("2026-11-19 00:00"), at("2026-11-21 00:00"))
+    result = top_clients(period, now=at("2026-11-20 15:00"))
+    assert cells(result) == [
+        [
+            "192.0.2.7",
+            "1",
+            "3.000000",
+            "2026-11-20 04:00",
+            "client-today",
+            "day",
+            "1.500000",
+            "1.000000",
+            "66.7",
+        ]
+    ]
+
+
+def test_top_users_and_clients_take_one_ledger_query_whatever_the_rows(db, spenders):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from quotas.reports import Period, top_clients, top_users
+
+    def ledger_queries(build):
+        with CaptureQueriesContext(connection) as queries:
+            build(Period.last_days())
+        return [q["sql"] for q in queries if "quotas_quotasession" in q["sql"]]
+
+    few = [len(ledger_queries(build)) for build in (top_users, top_clients)]
+    for number in range(5):
+        user = get_user_model().objects.create_user(f"user{number}")
+        make_usage(make_session(f"192.0.2.{number}", user=user), at("2026-11-20 10:05"), "1")
+    assert [len(ledger_queries(build)) for build in (top_users, top_clients)] == few == [1, 1]
+
+
+def test_anonymous_sessions_are_not_users(admin_client, db):
+    from django.utils import timezone
+
+    make_usage(make_session(started_at=timezone.now()), timezone.now(), "1.00")
+    assert parse(admin_client.get(f"{BASE}top-users/")).rows == [["No rows in this range."]]
+    assert len(parse(admin_client.get(f"{BASE}top-clients/")).rows) == 1
+
+
+@pytest.fixture
+def refusals(db):
+    """Budget refusals at connect (violation rows) and mid-session (end reasons)."""
+
+    def violation(minute, rule, count, **fields):
+        fields.setdefault("scope", "websocket")
+        fields.setdefault("endpoint", "/session")
+        RateLimitViolation.objects.create(minute=at(minute), rule=rule, count=count, **fields)
+
+    violation("2026-11-20 10:00", "budget:client_budget", 3)
+    violation("2026-11-20 10:01", "budget:client_budget", 2)
+    violation("2026-11-21 08:00", "budget:concurrent_sessions", 1)
+    violation("2026-11-21 09:00", "budget:hourly_cap", 1)
+    violation("2026-11-20 10:00", "status", 7, scope="http", endpoint="/status")  # not a budget
+    violation("2026-11-10 10:00", "budget:client_budget", 50)  # before the range
+
+    def ended(reason, when, started="2026-11-20 09:00"):
+        make_session(started_at=at(started), ended_at=at(when), end_reason=reason)
+
+    ended("client_budget", "2026-11-20 09:30")
+    ended("client_budget", "2026-11-21 09:30")
+    ended("breaker", "2026-11-19 00:10", started="2026-11-18 23:50")  # ended in the range
+    ended("budget", "2026-11-22 12:00")
+    ended("client_closed", "2026-11-20 09:40")  # not a refusal
+    ended("duration", "2026-11-20 09:45")  # not a budget refusal either
+    ended("hourly_cap", "2026-11-23 00:00", started="2026-11-22 23:00")  # after the range
+
+
+EXPECTED_REFUSALS = [
+    ["client spend limit", "client_budget", "at connect", "5"],
+    ["client spend limit", "client_budget", "in session", "2"],
+    ["circuit breaker", "breaker", "in session", "1"],
+    ["session cap", "budget", "in session", "1"],
+    ["concurrent sessions per client", "concurrent_sessions", "at connect", "1"],
+    ["hourly cap", "hourly_cap", "at connect", "1"],
+]
+
+
+def test_budget_refusals_by_cap_and_reason(admin_client, refusals):
+    page = admin_client.get(f"{BASE}budget-refusals/", RANGE)
+    assert page.status_code == 200
+    assert parse(page).rows == EXPECTED_REFUSALS
+    assert parse(page).svg_shapes > 0
+    chart = page.content.decode().split('id="report-chart"')[1].split("</figure>")[0]
+    assert "client_budget (at connect)" in chart
+    download = admin_client.get(f"{BASE}budget-refusals/", {**RANGE, "format": "csv"})
+    lines = list(csv.reader(io.StringIO(download.content.decode())))
+    assert lines[0] == ["cap", "reason", "where", "refusals"]
+    assert lines[1:] == EXPECTED_REFUSALS
+
+
+def test_budget_refusals_from_the_connection_guard(admin_client, db):
+    """A refusal the guard records (rule ``budget:<reason>``) shows up at connect."""
+    from quotas import events
+
+    events.record_violation("budget:user_budget", "websocket", "/session")
+    events.record_violation("budget:user_budget", "websocket", "/session")
+    events.flush()
+    rows = parse(admin_client.get(f"{BASE}budget-refusals/")).rows
+    assert rows == [["user spend limit", "user_budget", "at connect", "2"]]
+
+
+@pytest.mark.parametrize("name", ["top-users", "budget-refusals", "top-clients"])
+def test_new_reports_are_staff_only(client, db, name):
+    assert name in REPORTS
+    anonymous = client.get(f"{BASE}{name}/")
+    assert anonymous.status_code == 302 and anonymous["Location"].startswith("/admin/login/")
+    assert client.get(f"{BASE}{name}/", {"format": "csv"}).status_code == 302
+    client.force_login(get_user_model().objects.create_user("visitor", password="pw"))
+    assert client.get(f"{BASE}{name}/").status_code == 403
+    assert client.get(f"{BASE}{name}/", {"format": "csv"}).status_code == 403
+
+
+def test_index_lists_the_new_reports(admin_client):
+    index = admin_client.get(BASE).content.decode()
+    for name, title in (("top-users", "Top users"), ("budget-refusals", "Budget refusals")):
+        assert f'href="{BASE}{name}/">{title}</a>' in index
+
+
+def test_command_prints_top_users_as_json(spenders):
+    as_json = json.loads(run("top-users", "--format", "json"))
+    assert [r["report"] for r in as_json] == ["top-users"]
+    ann, bob = as_json[0]["rows"]
+    assert (ann["username"], ann["sessions"], ann["cost_usd"]) == ("ann", 2, "3.500000")
+    assert (ann["limit_name"], ann["limit_spent_usd"], ann["limit_percent"]) == (
+        "user-day",
+        "3.750000",
+        "75.0",
+    )
+    assert (bob["username"], bob["limit_name"], bob["limit_percent"]) == (
+        "bob",
+        "user-hour",
+        "80.0",
+    )
+    both = json.loads(run("top-users", "--report", "budget-refusals", "--format", "json"))
+    assert [r["report"] for r in both] == ["top-users", "budget-refusals"]
+
+
+def test_command_budget_refusals_as_csv(refusals):
+    common = ["--since", "2026-11-19", "--until", "2026-11-23"]
+    as_csv = run("budget-refusals", *common, "--format", "csv")
+    assert list(csv.reader(io.StringIO(as_csv)))[1:] == EXPECTED_REFUSALS
+
+
+def test_command_unknown_positional_report(db):
+    with pytest.raises(CommandError, match="unknown report 'top-dogs'"):
+        run("top-dogs")

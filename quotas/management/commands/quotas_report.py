@@ -36,6 +36,9 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
+        parser.add_argument(
+            "names", nargs="*", metavar="report", help="reports to print (default: all)"
+        )
         parser.add_argument("--since", help="start (ISO date/datetime, included; UTC default)")
         parser.add_argument("--until", help="end (ISO date/datetime, excluded; default now)")
         parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -43,17 +46,23 @@ class Command(BaseCommand):
             "--report",
             choices=sorted(REPORTS),
             action="append",
-            help="report to print (repeatable); default: all",
+            help="report to print (repeatable, like the positional names); default: all",
         )
 
-    def handle(self, *args, since, until, format, report, **options):
+    def handle(self, *args, names, since, until, format, report, **options):
+        unknown = [name for name in names if name not in REPORTS]
+        if unknown:
+            raise CommandError(
+                f"unknown report {', '.join(map(repr, unknown))}; choose from {', '.join(REPORTS)}"
+            )
+        chosen = list(dict.fromkeys([*names, *(report or ())])) or list(REPORTS)
         end = parse_moment("--until", until) if until else timezone.now()
         start = parse_moment("--since", since) if since else end - timedelta(days=DEFAULT_DAYS)
         try:
             period = check_period(start, end)
         except PeriodError as exc:
             raise CommandError(str(exc)) from None
-        results = [run_report(name, period) for name in (report or REPORTS)]
+        results = [run_report(name, period) for name in chosen]
         if format == "json":
             self.stdout.write(dumps_json(results), ending="")
         elif format == "csv":
