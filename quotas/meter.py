@@ -158,6 +158,7 @@ def _book_in_one_statement(session_id, kind, model, reference, tokens, cost, unk
             *TOKEN_KINDS,
             "cost_usd",
             "unknown_model",
+            "estimated",
             "created_at",
         )
         session_columns = ("cost_usd", *TOKEN_KINDS)
@@ -174,7 +175,7 @@ def _book_in_one_statement(session_id, kind, model, reference, tokens, cost, unk
         )
     session_uuid = uuid.UUID(str(session_id))
     counts = [tokens[kind_] for kind_ in TOKEN_KINDS]
-    params = [session_uuid, kind, model, reference, *counts, cost, unknown, when]
+    params = [session_uuid, kind, model, reference, *counts, cost, unknown, False, when]
     params += [cost, *counts, session_uuid]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)

@@ -368,7 +368,9 @@ class QuotaSession(TokenCounts):
     # Refreshed by the running process; an open session whose heartbeat stopped belongs to a
     # process that is gone (closed by ``quotas_close_stale`` as ``server_crash``).
     heartbeat_at = models.DateTimeField(null=True, blank=True)
-    slot = models.CharField(max_length=64, blank=True, help_text="Concurrent-session slot.")
+    slot = models.CharField(
+        max_length=64, blank=True, default="", db_default="", help_text="Concurrent-session slot."
+    )
     end_reason = models.CharField(max_length=32, choices=EndReason.choices, blank=True)
     cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
 
@@ -398,6 +400,7 @@ class UsageRecord(TokenCounts):
     unknown_model = models.BooleanField(default=False)
     estimated = models.BooleanField(
         default=False,
+        db_default=False,
         help_text="A reservation's worst case, booked before the response started; replaced "
         "by the exact usage at response.done (kept if the server crashed first).",
     )
