@@ -1,22 +1,39 @@
-"""WebSocket routes: the browser's /session (origin-checked, quota-guarded) and the simulator."""
+"""WebSocket routes: the browser's /session (origin-checked, quota-guarded) and the simulator.
+
+Any other path is refused at the handshake (HTTP 403), where URLRouter would raise ValueError
+and daphne answer HTTP 500 with three ERROR tracebacks per attempt.
+"""
+
+import logging
 
 from channels.routing import URLRouter
-from channels.security.websocket import AllowedHostsOriginValidator
 from django.conf import settings
-from django.urls import path
+from django.urls import path, re_path
 
 from ducke.consumers import SessionConsumer
+from ducke.origin import WebsocketOriginValidator, refuse_handshake
 from quotas.guards import ConnectionGuard
+
+logger = logging.getLogger("ducke.routing")
+
+
+async def refuse_unknown_path(scope, receive, send):
+    """The last route: a path nothing serves (a typo, the simulator while it is off)."""
+    # DEBUG, not INFO: a scan of made-up paths must not fill the log; daphne's access log
+    # records each rejection anyway.
+    logger.debug("WebSocket path not found: %s", scope.get("path", ""))
+    await refuse_handshake(scope, receive, send)
 
 
 def websocket_application():
     """The ASGI app for every WebSocket connection."""
     routes = [
-        path("session", AllowedHostsOriginValidator(ConnectionGuard(SessionConsumer.as_asgi()))),
+        path("session", WebsocketOriginValidator(ConnectionGuard(SessionConsumer.as_asgi()))),
     ]
     if settings.DUCKE_SIMULATOR_ENABLED:
         from ducke.realtime.simulator_consumer import SimulatorConsumer
 
         # Upstream clients (the relay, the openai SDK) send no Origin header: no origin check.
         routes.append(path("simulator/v1/realtime", SimulatorConsumer.as_asgi()))
+    routes.append(re_path(r"", refuse_unknown_path))
     return URLRouter(routes)
