@@ -11,8 +11,9 @@ host and port (default ports filled in) are
 - one of ``CSRF_TRUSTED_ORIGINS``, with Django's CSRF rules (``https://*.example.com``
   matches the domain and its subdomains, on the listed port only),
 
-and the ``Host`` is in ``ALLOWED_HOSTS`` (as Django requires of every HTTP request). A
-handshake without an ``Origin`` is refused, as Channels refuses it: browsers always send one,
+and the ``Host`` is in ``ALLOWED_HOSTS`` (as Django requires of every HTTP request; a trusted
+origin's own host need not be, as for Django's CSRF check). A handshake without an
+``Origin`` is refused, as Channels refuses it: browsers always send one,
 and the non-browser clients of ``/session`` (tests, load tools) send the page's origin.
 Settings are read on every handshake, so ``override_settings`` works.
 """
