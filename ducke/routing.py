@@ -1,13 +1,29 @@
-"""WebSocket routes: the browser's /session (origin-checked, quota-guarded) and the simulator."""
+"""WebSocket routes: the browser's /session (origin-checked, quota-guarded) and the simulator.
+
+Any other path is refused at the handshake (HTTP 403), where URLRouter would raise ValueError
+and daphne answer HTTP 500 with three ERROR tracebacks per attempt.
+"""
+
+import logging
 
 from channels.auth import AuthMiddlewareStack
 from channels.routing import URLRouter
-from channels.security.websocket import AllowedHostsOriginValidator
 from django.conf import settings
-from django.urls import path
+from django.urls import path, re_path
 
 from ducke.consumers import SessionConsumer
+from ducke.origin import WebsocketOriginValidator, refuse_handshake
 from quotas.guards import ConnectionGuard
+
+logger = logging.getLogger("ducke.routing")
+
+
+async def refuse_unknown_path(scope, receive, send):
+    """The last route: a path nothing serves (a typo, the simulator while it is off)."""
+    # DEBUG, not INFO: a scan of made-up paths must not fill the log; daphne's access log
+    # records each rejection anyway.
+    logger.debug("WebSocket path not found: %s", scope.get("path", ""))
+    await refuse_handshake(scope, receive, send)
 
 
 def websocket_application():
@@ -17,7 +33,7 @@ def websocket_application():
         # ``user`` rate-limit rules and spend limits, and tiers by group.
         path(
             "session",
-            AllowedHostsOriginValidator(
+            WebsocketOriginValidator(
                 AuthMiddlewareStack(ConnectionGuard(SessionConsumer.as_asgi()))
             ),
         ),
@@ -27,4 +43,5 @@ def websocket_application():
 
         # Upstream clients (the relay, the openai SDK) send no Origin header: no origin check.
         routes.append(path("simulator/v1/realtime", SimulatorConsumer.as_asgi()))
+    routes.append(re_path(r"", refuse_unknown_path))
     return URLRouter(routes)

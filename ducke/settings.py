@@ -6,6 +6,7 @@ raise here; it is recorded in ``ENVIRONMENT_ERRORS`` and reported by the ``ducke
 system check, so start-up stops with a message naming the variable.
 """
 
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -56,9 +57,62 @@ def _number(cast):
 _float = _number(float)
 _int = _number(int)
 
+
+def _list(name, default):
+    """A comma-separated list; blanks around items and empty items are dropped."""
+    raw = env.str(name, default="")
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    return items or default
+
+
+def _origins(name, default):
+    """Comma-separated full origins: ``https://duck.example``, ``https://*.example.com:8443``."""
+    origins = _list(name, default)
+    for origin in origins:
+        parts = urlsplit(origin)
+        if parts.scheme not in {"http", "https"} or not parts.netloc:
+            raise ValueError(f"each origin needs http:// or https:// and a host, got {origin!r}")
+        if parts.path or parts.query or parts.fragment or parts.username:
+            raise ValueError(f"an origin is scheme://host[:port] only, got {origin!r}")
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    return origins
+
+
+def _proxy_ssl_header(name, default):
+    """``HTTP_X_FORWARDED_PROTO,https`` -> ``("HTTP_X_FORWARDED_PROTO", "https")``."""
+    raw = env.str(name, default="").strip()
+    if not raw:
+        return default
+    header, _, value = (part.strip() for part in raw.partition(","))
+    if not re.fullmatch(r"HTTP_[A-Z0-9_]+", header) or not value or "," in value:
+        raise ValueError(
+            f"expected a request.META header name and its HTTPS value, such as "
+            f"HTTP_X_FORWARDED_PROTO,https; got {raw!r}"
+        )
+    return (header, value)
+
+
 SECRET_KEY = _read("DJANGO_SECRET_KEY", env.str, "insecure-dev-key-change-me-" + "x" * 24)
 DEBUG = _read("DJANGO_DEBUG", _bool, False)
-ALLOWED_HOSTS = _read("DJANGO_ALLOWED_HOSTS", env.list, ["127.0.0.1", "localhost", "[::1]"])
+ALLOWED_HOSTS = _read("DJANGO_ALLOWED_HOSTS", _list, ["127.0.0.1", "localhost", "[::1]"])
+
+# TLS deployments. Behind a TLS-terminating proxy that overwrites X-Forwarded-Proto (never one
+# that passes a client's own header through), DJANGO_SECURE_PROXY_SSL_HEADER lets Django see
+# https; CSRF and the WebSocket origin check then accept https:// origins of ALLOWED_HOSTS.
+SECURE_PROXY_SSL_HEADER = _read("DJANGO_SECURE_PROXY_SSL_HEADER", _proxy_ssl_header, None)
+# Further origins trusted for admin POSTs and /session handshakes (scheme, host and port).
+CSRF_TRUSTED_ORIGINS = _read("DJANGO_CSRF_TRUSTED_ORIGINS", _origins, [])
+SECURE_SSL_REDIRECT = _read("DJANGO_SECURE_SSL_REDIRECT", _bool, False)
+# Health checks and Prometheus talk plain HTTP to each instance inside the deployment: a
+# redirect to https would fail them, and neither endpoint serves a session or a form.
+SECURE_REDIRECT_EXEMPT = [r"^status$", r"^metrics$"]
+SECURE_HSTS_SECONDS = _read("DJANGO_SECURE_HSTS_SECONDS", _int, 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = _read("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", _bool, False)
+SECURE_HSTS_PRELOAD = _read("DJANGO_SECURE_HSTS_PRELOAD", _bool, False)
+# HTTPS is on when Django redirects to it or learns it from the proxy: cookies then stay on it.
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = (
+    SECURE_SSL_REDIRECT or SECURE_PROXY_SSL_HEADER is not None
+)
 
 INSTALLED_APPS = [
     "daphne",
@@ -77,6 +131,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # Outside WhiteNoise, so static files carry the policy too.
+    "ducke.security.SecurityHeadersMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

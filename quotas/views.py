@@ -137,7 +137,8 @@ class ReportViews:
             form=ReportRangeForm(_initial(period)),
             result=result,
             table=cells(result),
-            chart_svg=render_chart(result),
+            # The CSP nonce of a middleware that sets one (DUCK-E's, django-csp), else none.
+            chart_svg=render_chart(result, nonce=str(getattr(request, "csp_nonce", "") or "")),
             csv_query=urlencode({**_initial(period), "format": "csv"}),
         )
         return TemplateResponse(request, "admin/quotas/reports/report.html", context)

@@ -1,6 +1,8 @@
 """DUCK-E in a real browser: Debian chromium driven by Playwright against a daphne server.
 
 Skips when /usr/bin/chromium is missing, unless DUCKE_REQUIRE_BROWSER=1 (then it fails).
+Every page records Content-Security-Policy violations (``securitypolicyviolation`` events and
+chromium's console reports); a test that ends with ``assert_page_clean`` saw none.
 """
 
 import importlib.util
@@ -97,13 +99,50 @@ def launch_browser():
             browser.close()
 
 
+# Runs before any script of the page (and again in every new document).
+CSP_RECORDER = """
+window.__cspViolations = [];
+document.addEventListener("securitypolicyviolation", (event) => {
+  window.__cspViolations.push(
+    `${event.effectiveDirective} blocked ${event.blockedURI || "inline"}` +
+    ` at ${event.sourceFile || "?"}:${event.lineNumber}`);
+}, true);
+"""
+
+
+def record_csp_violations(page):
+    """Collect the page's CSP violations: events in the page, reports on the console."""
+    page.add_init_script(CSP_RECORDER)
+    page.csp_console = []
+
+    def on_console(message):
+        if "Content Security Policy" in message.text:
+            page.csp_console.append(message.text)
+
+    page.on("console", on_console)
+
+
+def csp_violations(page):
+    """Every CSP violation the current document and the console reported so far."""
+    recorded = page.evaluate("() => window.__cspViolations || ['recorder missing']")
+    return [*recorded, *page.csp_console]
+
+
+def assert_page_clean(page):
+    """No uncaught JS error and no CSP violation on ``page``."""
+    assert page.js_errors == []
+    assert csp_violations(page) == []
+
+
 def open_page(browser, url):
-    """A fresh context with the microphone granted, on the DUCK-E page, collecting JS errors."""
+    """A fresh context with the microphone granted, on the DUCK-E page, collecting JS errors
+    and CSP violations."""
     context = browser.new_context(viewport={"width": 900, "height": 1100})
     context.grant_permissions(["microphone"], origin=url)
     page = context.new_page()
     page.js_errors = []
     page.on("pageerror", lambda error: page.js_errors.append(str(error)))
+    record_csp_violations(page)
     page.goto(f"{url}/")
     return page
 
@@ -237,7 +276,7 @@ def test_audio_worklets_resample_to_pcm16_24k_and_play_gap_free(
     assert flushed and flushed["itemId"] == "item_cut" and flushed["cut"] is True, result
     assert 100 <= flushed["playedMs"] <= 600, flushed
     assert result["bufferedAfterFlush"] == 0, result
-    assert page.js_errors == []
+    assert_page_clean(page)
 
 
 def silent_microphone(tmp_path):
@@ -281,7 +320,7 @@ def test_typed_question_gets_a_spoken_answer_and_a_transcript(
     wait_for_data(page, "d.state === 'closed'")
     assert page.locator("#start").inner_text() == "Start talking"
     assert page.locator("#question").is_disabled()
-    assert page.js_errors == []
+    assert_page_clean(page)
 
 
 def test_cost_meter_shows_the_spend_after_an_answer(launch_browser, voice_server, tmp_path):
@@ -298,7 +337,7 @@ def test_cost_meter_shows_the_spend_after_an_answer(launch_browser, voice_server
     assert page.locator("#cap").inner_text() == "$5.00"
     minutes, seconds = page.locator("#time-left").inner_text().split(":")
     assert 0 < int(minutes) * 60 + int(seconds) <= 30 * 60
-    assert page.js_errors == []
+    assert_page_clean(page)
 
 
 def test_spoken_question_from_the_microphone_is_answered(launch_browser, voice_server, tmp_path):
@@ -314,7 +353,7 @@ def test_spoken_question_from_the_microphone_is_answered(launch_browser, voice_s
     )
     page.screenshot(path=tmp_path / "spoken-session.png", full_page=True)
     assert page.locator(".turn-user").count() >= 1
-    assert page.js_errors == []
+    assert_page_clean(page)
 
 
 def test_upstream_failure_close_is_explained(launch_browser, daphne_server_factory, tmp_path):
@@ -329,7 +368,7 @@ def test_upstream_failure_close_is_explained(launch_browser, daphne_server_facto
     assert "voice service" in banner.inner_text()
     assert page.locator("#start").inner_text() == "Start talking"
     assert page.locator("#question").is_disabled()
-    assert page.js_errors == []
+    assert_page_clean(page)
 
 
 def test_connection_limit_close_is_explained(launch_browser, daphne_server_factory, tmp_path):
@@ -348,7 +387,7 @@ def test_connection_limit_close_is_explained(launch_browser, daphne_server_facto
     assert text.strip() and "voice service" not in text, text
     assert text.lower().count("try again") == 1, text
     page.screenshot(path=tmp_path / "rate-limited.png", full_page=True)
-    assert page.js_errors == []
+    assert_page_clean(page)
 
 
 def test_talking_over_the_duck_stops_its_answer(launch_browser, voice_server, tmp_path):
@@ -371,4 +410,30 @@ def test_talking_over_the_duck_stops_its_answer(launch_browser, voice_server, tm
     data = root_data(page)
     assert data["truncations"] == "1", data
     assert data["errors"] == "0", page.locator("#banner-info").inner_text()
-    assert page.js_errors == []
+    assert_page_clean(page)
+
+
+def test_the_page_runs_under_its_policy_and_violations_would_be_seen(
+    launch_browser, daphne_server_factory
+):
+    server = daphne_server_factory(DUCKE_SIMULATOR_ENABLED="0")
+    page = open_page(launch_browser(), server.url)
+    page.wait_for_load_state("load")
+    response = page.request.get(f"{server.url}/")
+    csp = response.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and f"ws://127.0.0.1:{server.port}" in csp, csp
+    assert response.headers["permissions-policy"].startswith("microphone=(self)")
+    assert_page_clean(page)
+    # The recorder itself: an inline script and a WebSocket to another port are refused.
+    page.evaluate(
+        """() => {
+        const script = document.createElement("script");
+        script.textContent = "window.inlineRan = true";
+        document.body.append(script);
+        try { new WebSocket("ws://127.0.0.1:9/elsewhere"); } catch (error) {}
+    }"""
+    )
+    page.wait_for_function("() => window.__cspViolations.length >= 2", timeout=WAIT_MS)
+    violations = " ".join(csp_violations(page))
+    assert "script-src" in violations and "connect-src" in violations, violations
+    assert page.evaluate("() => window.inlineRan") is None

@@ -2,8 +2,10 @@
 
 Checks that every referenced file exists, that services name each other consistently
 (depends_on, nginx upstreams, Prometheus targets, Grafana datasource, Redis password,
-trusted-proxy subnet), that health checks and restart policies are set, and that dashboards
-and alert rules query only metrics the app exports.
+trusted-proxy subnet), that health checks and restart policies are set, that nginx's outer
+ring of limits sits above the apps' own rules, that the TLS override (deploy/compose.tls.yml)
+fits the base file, and that dashboards and alert rules query only metrics the app exports.
+test_nginx.py runs `nginx -t` on the same files.
 """
 
 import ipaddress
@@ -20,10 +22,14 @@ import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from quotas.clientip import parse_trusted_proxies
+from quotas.defaults import DEFAULT_BUDGET, DEFAULT_RULES
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 DEPLOY = ROOT / "deploy"
+COMPOSE_TLS = DEPLOY / "compose.tls.yml"
+NGINX = DEPLOY / "nginx"
+LOCATIONS_INCLUDE = "/etc/nginx/ducke-locations.conf"
 APPS = ("app1", "app2")
 LONG_RUNNING = ("redis", "postgres", *APPS, "nginx", "prometheus", "grafana")
 
@@ -139,7 +145,23 @@ def subnet(compose):
 
 @pytest.fixture(scope="module")
 def nginx_conf():
-    return (DEPLOY / "nginx" / "nginx.conf").read_text()
+    return (NGINX / "nginx.conf").read_text()
+
+
+@pytest.fixture(scope="module")
+def locations_conf():
+    """The locations both servers include (ducke-locations.conf)."""
+    return (NGINX / "ducke-locations.conf").read_text()
+
+
+@pytest.fixture(scope="module")
+def tls_conf():
+    return (NGINX / "tls.conf").read_text()
+
+
+@pytest.fixture(scope="module")
+def tls_override():
+    return yaml.safe_load(COMPOSE_TLS.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +282,7 @@ def test_trusted_proxies_and_metrics_allowlist_are_the_network_subnet(services, 
 
 
 def test_every_variable_is_documented_and_no_secret_is_committed():
-    used = interpolated_vars(COMPOSE.read_text())
+    used = interpolated_vars(COMPOSE.read_text()) | interpolated_vars(COMPOSE_TLS.read_text())
     example = (DEPLOY / ".env.example").read_text()
     documented = dict(
         line.split("=", 1) for line in example.splitlines() if line and not line.startswith("#")
@@ -288,7 +310,12 @@ def nginx_locations(conf):
     return dict(re.findall(r"location\s+(=?\s*\S+)\s*\{([^}]*)\}", conf))
 
 
-def test_nginx_balances_both_apps(nginx_conf, services):
+def directives(body, name):
+    """Arguments of each ``name ...;`` directive in a block body."""
+    return [m.split() for m in re.findall(rf"^\s*{name}\s+([^;]*);", body, re.M)]
+
+
+def test_nginx_balances_both_apps(nginx_conf, locations_conf, services):
     (upstream,) = re.findall(r"upstream\s+(\w+)\s*\{([^}]*)\}", nginx_conf)
     name, body = upstream
     servers = re.findall(r"^\s*server\s+([\w.-]+):(\d+)", body, re.M)
@@ -299,20 +326,25 @@ def test_nginx_balances_both_apps(nginx_conf, services):
     assert services["nginx"]["ports"] == ["${DUCKE_HTTP_PORT:-8080}:" + listen]
     assert listen == "8080"
     mounts = dict(bind_mounts(services["nginx"]))
-    assert mounts[DEPLOY / "nginx" / "nginx.conf"] == "/etc/nginx/conf.d/default.conf"
+    assert mounts[NGINX / "nginx.conf"] == "/etc/nginx/conf.d/default.conf"
+    # Not under conf.d/: the locations are included in a server, not in the http block.
+    assert mounts[NGINX / "ducke-locations.conf"] == LOCATIONS_INCLUDE
+    assert directives(nginx_conf, "include") == [[LOCATIONS_INCLUDE]]
 
-    locations = nginx_locations(nginx_conf)
+    locations = nginx_locations(locations_conf)
     proxied = {path: body for path, body in locations.items() if "proxy_pass" in body}
-    assert set(proxied) == {"/session", "/"}
+    assert set(proxied) == {"/session", "= /admin/login/", "/"}
     for path, body in proxied.items():
         assert f"proxy_pass http://{name};" in body, path
         # A location that sets any header inherits none: each must forward the chain itself.
         assert "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in body, path
         assert "proxy_set_header Host $http_host;" in body, path
+        # Always the proxy's own scheme: DJANGO_SECURE_PROXY_SSL_HEADER believes this header.
+        assert "proxy_set_header X-Forwarded-Proto $scheme;" in body, path
 
 
-def test_nginx_upgrades_websockets_for_session(nginx_conf):
-    session = nginx_locations(nginx_conf)["/session"]
+def test_nginx_upgrades_websockets_for_session(nginx_conf, locations_conf):
+    session = nginx_locations(locations_conf)["/session"]
     assert "proxy_http_version 1.1;" in session
     assert "proxy_set_header Upgrade $http_upgrade;" in session
     assert "proxy_set_header Connection $connection_upgrade;" in session
@@ -321,12 +353,119 @@ def test_nginx_upgrades_websockets_for_session(nginx_conf):
     assert int(timeout.group(1)) >= 1800  # the default session duration cap
 
 
-def test_nginx_keeps_metrics_and_simulator_internal(nginx_conf, services):
-    locations = nginx_locations(nginx_conf)
+def test_nginx_keeps_metrics_and_simulator_internal(locations_conf, services):
+    locations = nginx_locations(locations_conf)
     assert "return 404;" in locations["= /metrics"]
     assert "return 404;" in locations["/simulator/"]
     check = " ".join(services["nginx"]["healthcheck"]["test"])
     assert "/nginx-health" in check and "return 200" in locations["= /nginx-health"]
+
+
+def per_minute(rate):
+    number, unit = re.fullmatch(r"(\d+)r/([sm])", rate).groups()
+    return int(number) * (60 if unit == "s" else 1)
+
+
+def test_nginx_outer_ring_limits_per_client_address_above_the_app_rules(nginx_conf, locations_conf):
+    zones = {}
+    for args in directives(nginx_conf, "limit_req_zone"):
+        key, zone, rate = args
+        zones[zone.removeprefix("zone=").split(":")[0]] = (key, per_minute(rate[5:]))
+    conn_zones = {
+        zone.removeprefix("zone=").split(":")[0]: key
+        for key, zone in directives(nginx_conf, "limit_conn_zone")
+    }
+    # Keyed by the client address (the login zone by it too, for POSTs only).
+    assert {key for key, _ in zones.values()} <= {"$binary_remote_addr", "$ducke_login_key"}
+    assert re.search(
+        r"map\s+\$request_method\s+\$ducke_login_key\s*\{\s*POST\s+\$binary_remote_addr;",
+        nginx_conf,
+    )
+    assert set(conn_zones.values()) == {"$binary_remote_addr"}
+    assert directives(nginx_conf, "limit_req_status") == [["429"]]
+    assert directives(nginx_conf, "limit_conn_status") == [["429"]]
+
+    locations = nginx_locations(locations_conf)
+    limited = {}
+    for path in ("/", "/session", "= /admin/login/"):
+        limits = directives(locations[path], "limit_req")
+        assert limits, path
+        for args in limits:
+            options = dict(a.split("=", 1) if "=" in a else (a, True) for a in args)
+            assert int(options["burst"]) >= 10 and options.get("nodelay"), (path, args)
+            assert options["zone"] in zones, (path, args)
+        limited[path] = {dict(a.split("=", 1) for a in args[:1])["zone"] for args in limits}
+    ((zone, connections),) = directives(locations["/session"], "limit_conn")
+    assert zone in conn_zones
+    assert int(connections) > DEFAULT_BUDGET["max_concurrent_sessions_per_client"]
+
+    # The apps' own rules (their 429 JSON, RateLimit-* headers, 4429 closes) decide first.
+    rules = {target: limit * 60 / window for _, _, target, _, limit, window in DEFAULT_RULES}
+    (session_zone,) = limited["/session"]
+    assert zones[session_zone][1] > rules["/session"]
+    (page_zone,) = limited["/"]
+    assert zones[page_zone][1] > max(rules["/"], rules["*"])
+    assert page_zone in limited["= /admin/login/"] and len(limited["= /admin/login/"]) == 2
+
+
+def test_tls_override_fits_the_base_file(services, tls_override, tls_conf, locations_conf):
+    overridden = tls_override["services"]
+    assert set(overridden) <= set(services)
+    nginx = overridden["nginx"]
+    assert nginx["ports"] == ["${DUCKE_HTTPS_PORT:-443}:443"]
+    assert directives(tls_conf, "listen") == [["443", "ssl"]]
+    # Paths in an override file are relative to the first file's directory (the repo root).
+    mounts = dict(bind_mounts(nginx))
+    assert mounts[NGINX / "tls.conf"] == "/etc/nginx/conf.d/tls.conf"
+    assert (NGINX / "tls.conf").is_file()
+    (cert_mount,) = [v for v in nginx["volumes"] if v.startswith("${DUCKE_TLS_CERT_DIR:?")]
+    with pytest.raises(KeyError, match="DUCKE_TLS_CERT_DIR"):  # no certificate, no start
+        interpolate(cert_mount, {})
+    cert_dir = interpolate(cert_mount, {"DUCKE_TLS_CERT_DIR": "/srv/tls"}).split(":")
+    assert cert_dir == ["/srv/tls", "/etc/nginx/tls", "ro"]
+    for name in ("ssl_certificate", "ssl_certificate_key"):
+        ((path,),) = directives(tls_conf, name)
+        assert Path(path).parent == Path(cert_dir[1]), name
+    assert directives(tls_conf, "include") == [[LOCATIONS_INCLUDE]]
+    assert "TLSv1 " not in tls_conf and "TLSv1.1" not in tls_conf
+    for app in APPS:
+        env = overridden[app]["environment"]
+        assert env["DJANGO_SECURE_PROXY_SSL_HEADER"] == "HTTP_X_FORWARDED_PROTO,https"
+        assert interpolate(env["DJANGO_SECURE_SSL_REDIRECT"], {}) == "true"
+        # Every TLS variable the base file passes on, so .env can set them without the override.
+        base = services[app]["environment"]
+        for name in env:
+            assert base[name] == f"${{{name}:-}}", name
+
+
+def test_the_tls_environment_is_accepted_by_the_settings(services, tls_override):
+    env = {**services["app1"]["environment"], **tls_override["services"]["app1"]["environment"]}
+    env = {k: interpolate(str(v), SECRETS) for k, v in env.items()}
+    env["DJANGO_SECURE_HSTS_SECONDS"] = "3600"
+    probe = (
+        "import json, ducke.settings as s; print(json.dumps({'errors': s.ENVIRONMENT_ERRORS,"
+        "'header': s.SECURE_PROXY_SSL_HEADER, 'redirect': s.SECURE_SSL_REDIRECT,"
+        "'cookies': [s.SESSION_COOKIE_SECURE, s.CSRF_COOKIE_SECURE],"
+        "'hsts': s.SECURE_HSTS_SECONDS, 'trusted': s.CSRF_TRUSTED_ORIGINS}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={"PATH": os.environ.get("PATH", ""), **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded == {
+        "errors": [],
+        "header": ["HTTP_X_FORWARDED_PROTO", "https"],
+        "redirect": True,
+        "cookies": [True, True],
+        "hsts": 3600,
+        "trusted": [],
+    }
 
 
 def test_prometheus_scrapes_both_apps_with_the_token(services):

@@ -2,8 +2,9 @@
 
 Seeds the server's own SQLite database through a subprocess with the server's environment
 (a superuser with a known password and a few days of ledger rows), signs in to the admin and
-checks that the chart is an inline SVG with drawn shapes. Skips when chromium is missing,
-unless DUCKE_REQUIRE_BROWSER=1.
+checks that the chart is an inline SVG with drawn shapes, and that the admin and every report
+page render under the Content-Security-Policy without a violation. Skips when chromium is
+missing, unless DUCKE_REQUIRE_BROWSER=1.
 """
 
 import subprocess
@@ -11,8 +12,15 @@ import sys
 
 import pytest
 
+from quotas.reports import REPORTS
 from tests.fixtures import live_server
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
+from tests.test_browser import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    csp_violations,
+    record_csp_violations,
+    require_chromium,
+)
 
 daphne_server_factory = live_server.daphne_server_factory
 
@@ -71,6 +79,7 @@ def test_spend_report_chart_renders_in_chromium(daphne_server_factory, tmp_path)
             errors, requests = [], []
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.on("request", lambda request: requests.append(request.url))
+            record_csp_violations(page)
             target = "/admin/quotas/reports/spend-by-day/"
             page.goto(f"{server.url}/admin/login/?next={target}")
             page.fill("#id_username", "operator")
@@ -89,5 +98,21 @@ def test_spend_report_chart_renders_in_chromium(daphne_server_factory, tmp_path)
             assert all(url.startswith(server.url) for url in requests), requests
             page.screenshot(path=str(tmp_path / "spend-by-day.png"), full_page=True)
             assert (tmp_path / "spend-by-day.png").stat().st_size > 10_000
+            # The chart's styles applied: pygal's <style> (allowed by its nonce) colours the
+            # first series; blocked, the series would be drawn in the default black.
+            fill = page.evaluate(
+                "() => getComputedStyle(document.querySelector('#report-chart svg .serie-0')).fill"
+            )
+            assert fill not in ("", "rgb(0, 0, 0)", "none"), fill
+            assert csp_violations(page) == []
+            # The admin index, the reports index and every report render without a violation.
+            for path in ["/admin/", "/admin/quotas/reports/"] + [
+                f"/admin/quotas/reports/{name}/" for name in REPORTS
+            ]:
+                page.goto(f"{server.url}{path}")
+                page.wait_for_load_state("load")
+                assert page.url == f"{server.url}{path}", path
+                assert csp_violations(page) == [], path
+            assert not errors
         finally:
             browser.close()

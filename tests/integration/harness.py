@@ -27,7 +27,6 @@ from websockets.exceptions import ConnectionClosed
 from tests.fixtures.live_server import DaphneServer, start_daphne_server
 from tests.fixtures.relay import UPSTREAM_EVENT_TYPES, user_text
 
-ORIGIN = "http://127.0.0.1"
 SIMULATOR_PATH = "/simulator/v1/realtime"
 UPSTREAM_ALLOWED = UPSTREAM_EVENT_TYPES
 
@@ -278,7 +277,7 @@ class Session:
         extra.update(headers or {})
         ws = await connect(
             f"{server.ws_url}/session",
-            origin=ORIGIN,
+            origin=server.url,  # the page's own origin, port included
             additional_headers=extra,
             open_timeout=timeout,
             max_size=None,

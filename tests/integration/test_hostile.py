@@ -15,7 +15,6 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
 
 from tests.integration.harness import (
-    ORIGIN,
     UPSTREAM_ALLOWED,
     Session,
     random_ip,
@@ -82,7 +81,7 @@ def test_fuzzed_frames_never_crash_or_leak_upstream(instance):
     sent = []
     with sync_connect(
         f"{server.ws_url}/session",
-        origin=ORIGIN,
+        origin=server.url,
         additional_headers={"X-Forwarded-For": random_ip()},
         max_size=None,
     ) as ws:
@@ -148,7 +147,7 @@ async def test_forged_forwarded_for_from_untrusted_peer_counts_as_one_client(ins
         try:
             ws = await connect(
                 f"{server.ws_url}/session",
-                origin=ORIGIN,
+                origin=server.url,
                 additional_headers={"X-Forwarded-For": f"203.0.113.{number}, {random_ip()}"},
                 local_addr=(UNTRUSTED_PEER, 0),
                 open_timeout=15,
