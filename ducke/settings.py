@@ -252,6 +252,10 @@ QUOTAS_TRUSTED_PROXIES = env.str("QUOTAS_TRUSTED_PROXIES", default="")
 QUOTAS_IPV6_PREFIX = _read("QUOTAS_IPV6_PREFIX", _int, 64)
 QUOTAS_IPV4_PREFIX = _read("QUOTAS_IPV4_PREFIX", _int, 32)
 QUOTAS_REDIS_URL = REDIS_URL
+# Secrets of DUCK-E's own that alerts must never show.
+QUOTAS_REDACT_SETTINGS = ("OPENAI_API_KEY", "DUCKE_METRICS_TOKEN")
+# Rules, spend limits and prices a fresh install starts with (quotas.defaults).
+QUOTAS_DEFAULT_POLICIES = "ducke.policies.DEFAULT_POLICIES"
 # The product name in quota messages to users and in alerts.
 QUOTAS_SERVICE_NAME = env.str("QUOTAS_SERVICE_NAME", default="DUCK-E").strip() or "DUCK-E"
 # Calendar spend limits (day/week/month) reset at midnight here; empty -> TIME_ZONE.

@@ -1,1 +1,17 @@
-"""Reusable quota enforcement for Django and Channels: rate limits, prices, budgets."""
+"""Reusable quota enforcement for Django and Channels: rate limits, prices, budgets.
+
+The public API for code (``quotas.api``): ``ratelimit(rule_name)`` decorates a sync or async
+view, ``check(request_or_scope, rule_name)`` / ``acheck(...)`` count a hit and return the
+decision without a response. Importing ``quotas`` loads no model: the names resolve lazily.
+"""
+
+__version__ = "0.2.0"
+__all__ = ["Check", "acheck", "check", "ratelimit"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'quotas' has no attribute {name!r}")

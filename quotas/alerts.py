@@ -61,7 +61,6 @@ EVENTS = frozenset(
         "spend_limit_shadow_over",
     }
 )
-SUBJECT_PREFIX = "[DUCK-E] "
 REDACTED = "[redacted]"
 _SECRET_NAMES = re.compile(r"key|secret|token|passw|authorization|credential|cookie", re.I)
 _SHORTEST_SECRET = 8  # shorter configured values are too common to search text for
@@ -83,12 +82,16 @@ class Alert:
     occurred_at: str = ""
 
 
+def subject_prefix():
+    """ "[<QUOTAS_SERVICE_NAME>] ", in front of every alert's subject."""
+    return f"[{quota_settings.SERVICE_NAME}] "
+
+
 def _configured_secrets():
     values = [
-        getattr(settings, "OPENAI_API_KEY", ""),
         getattr(settings, "SECRET_KEY", ""),
-        getattr(settings, "DUCKE_METRICS_TOKEN", ""),
         getattr(settings, "EMAIL_HOST_PASSWORD", ""),
+        *(getattr(settings, name, "") for name in quota_settings.REDACT_SETTINGS),
         quota_settings.ALERT_WEBHOOK_URL,
         settings.DATABASES.get("default", {}).get("PASSWORD", ""),
     ]
@@ -153,7 +156,7 @@ def webhook_payload(alert):
         ]
         blocks.append({"type": "section", "fields": fields})
     return {
-        "text": f"{SUBJECT_PREFIX}{alert.subject}: {alert.message}",
+        "text": f"{subject_prefix()}{alert.subject}: {alert.message}",
         "blocks": blocks,
         "event": alert.event,
         "details": alert.details,
@@ -171,7 +174,7 @@ def email_body(alert):
 def send_email(alert, recipients):
     """Send one alert email through Django's mail framework."""
     EmailMessage(
-        subject=f"{SUBJECT_PREFIX}{alert.subject}",
+        subject=f"{subject_prefix()}{alert.subject}",
         body=email_body(alert),
         from_email=settings.SERVER_EMAIL,
         to=recipients,

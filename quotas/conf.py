@@ -28,6 +28,13 @@ QUOTAS_EVENT_RETENTION_DAYS    refusal, tool-call and breaker events older than 
                                deleted by ``manage.py quotas_prune``, default 90.
 QUOTAS_BUDGET_TIMEZONE         the zone whose midnight starts a calendar day/week/month of a
                                spend limit; empty (default) -> TIME_ZONE.
+QUOTAS_DEFAULT_POLICIES        dotted path of the fresh-install policies (quotas.defaults); empty
+                               (default): one budget policy, no rule, limit or price.
+QUOTAS_REDACT_SETTINGS         names of settings whose values never appear in an alert (API keys,
+                               tokens); SECRET_KEY, the mail and database passwords, the webhook
+                               URL and Redis passwords always are redacted.
+QUOTAS_REFUSAL_VIEW            dotted path of ``view(request, check) -> HttpResponse`` answering a
+                               refused HTTP request; empty (default): the JSON 429.
 QUOTAS_SERVICE_NAME            the product name in messages to users and in alerts, default
                                "the service".
 QUOTAS_SPEND_SWEEP_SECONDS     how often a process closes sessions left open by a crashed
@@ -64,6 +71,9 @@ _DEFAULTS = {
     "EVENT_FLUSH_SECONDS": 5.0,
     "BUDGET_TIMEZONE": "",
     "SERVICE_NAME": "the service",
+    "DEFAULT_POLICIES": "",
+    "REDACT_SETTINGS": (),
+    "REFUSAL_VIEW": "",
     "SPEND_SWEEP_SECONDS": 300.0,
     "SESSION_HEARTBEAT_SECONDS": 30.0,
 }

@@ -1,21 +1,26 @@
-"""Fresh-install policies and the published price sheets, as plain data.
+"""Fresh-install policies, and the published price sheets, as plain data.
 
-Prices are USD per 1M tokens in the order of ``ModelPrice.TOKEN_KINDS``: text in, cached
-text in, audio in, cached audio in, text out, audio out.
+Installing ``quotas`` alone loads a neutral set: one active budget policy with the
+``DEFAULT_BUDGET`` caps and no rule, spend limit or price. A project declares its own
+fresh-install policies with ``QUOTAS_DEFAULT_POLICIES``, the dotted path of a dict::
+
+    {
+        "rules": ((name, scope, target, key, limit, window_seconds), ...),
+        "budget": {field: value, ...},           # over DEFAULT_BUDGET
+        "spend_limits": ((name, key, cap_usd, period, window_seconds), ...),
+        "price_sheet": "default",                # a PRICE_SHEETS name, or None
+        "tool_prices": {tool: usd_per_call, ...},
+    }
+
+The data migrations and ``manage.py quotas_load_defaults`` load them; rows that exist are
+kept as they are. Prices are USD per 1M tokens in the order of ``ModelPrice.TOKEN_KINDS``:
+text in, cached text in, audio in, cached audio in, text out, audio out.
 """
 
 from datetime import UTC, datetime
 from decimal import Decimal as D
 
-DEFAULT_RULES = (
-    # name, scope, target, key, limit, window_seconds
-    ("status", "http", "/status", "ip", 60, 60),
-    ("page", "http", "/", "ip", 30, 60),
-    ("session-connect", "websocket", "/session", "ip", 5, 60),
-    ("default", "http", "*", "ip", 100, 60),
-    ("tool-weather", "tool", "weather", "ip", 10, 3600),
-    ("tool-web-search", "tool", "web_search", "ip", 5, 3600),
-)
+from django.utils.module_loading import import_string
 
 DEFAULT_BUDGET = {
     "name": "default",
@@ -28,15 +33,6 @@ DEFAULT_BUDGET = {
     "max_concurrent_sessions_per_client": 2,
     "max_output_tokens_per_response": 1000,
 }
-
-DEFAULT_SPEND_LIMITS = (
-    # name, key, cap_usd, period, window_seconds
-    ("client-hour", "client", D("10.00"), "rolling", 3600),
-    ("client-day", "client", D("20.00"), "rolling", 86400),
-)
-
-# USD per call on top of the tool's tokens (OpenAI bills web search per call).
-DEFAULT_TOOL_PRICES = {"web_search": D("0.025")}
 
 # Far enough back that every ledger row finds a price.
 SHEET_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -92,6 +88,24 @@ TOKEN_KINDS = (
 )
 
 
+NEUTRAL_POLICIES = {
+    "rules": (),
+    "budget": {},
+    "spend_limits": (),
+    "price_sheet": None,
+    "tool_prices": {},
+}
+
+
+def configured_policies():
+    """The fresh-install policies: ``QUOTAS_DEFAULT_POLICIES``, or the neutral set."""
+    from .conf import quota_settings
+
+    path = quota_settings.DEFAULT_POLICIES
+    declared = import_string(path) if path else {}
+    return {**NEUTRAL_POLICIES, **declared}
+
+
 def load_defaults(
     rule_model,
     budget_model,
@@ -99,19 +113,21 @@ def load_defaults(
     version_model,
     spend_limit_model=None,
     tool_price_model=None,
+    policies=None,
 ):
-    """Create missing default rules, budget policy, spend limits, default price sheet, tool
-    prices and version row.
+    """Create the missing fresh-install rules, budget policy, spend limits, price sheet, tool
+    prices and version row (``policies``: default ``configured_policies()``).
 
     Takes the model classes so a data migration can pass its historical models. Existing
     rows (matched by rule or limit name, model or tool + date, any budget policy) are left as
     they are.
     """
+    policies = policies or configured_policies()
     if spend_limit_model is not None:
-        load_spend_limits(spend_limit_model)
+        load_spend_limits(spend_limit_model, policies)
     if tool_price_model is not None:
-        load_tool_prices(tool_price_model)
-    for name, scope, target, key, limit, window in DEFAULT_RULES:
+        load_tool_prices(tool_price_model, policies)
+    for name, scope, target, key, limit, window in policies["rules"]:
         rule_model.objects.get_or_create(
             name=name,
             defaults={
@@ -125,8 +141,12 @@ def load_defaults(
     if not budget_model.objects.exists():
         # A historical model (an early migration) may not have every field yet.
         names = {field.name for field in budget_model._meta.get_fields()}
-        budget_model.objects.create(**{k: v for k, v in DEFAULT_BUDGET.items() if k in names})
-    load_price_sheet(price_model, "default", SHEET_EPOCH, note="fresh-install sheet")
+        budget = {**DEFAULT_BUDGET, **policies["budget"]}
+        budget_model.objects.create(**{k: v for k, v in budget.items() if k in names})
+    if policies["price_sheet"]:
+        load_price_sheet(
+            price_model, policies["price_sheet"], SHEET_EPOCH, note="fresh-install sheet"
+        )
     version_model.objects.get_or_create(pk=1, defaults={"version": 1})
 
 
@@ -146,18 +166,20 @@ def load_price_sheet(price_model, sheet, effective_from, note=""):
     return created
 
 
-def load_spend_limits(spend_limit_model):
-    """Create the default spend limits that are missing (by name)."""
-    for name, key, cap, period, window in DEFAULT_SPEND_LIMITS:
+def load_spend_limits(spend_limit_model, policies=None):
+    """Create the fresh-install spend limits that are missing (by name)."""
+    policies = policies or configured_policies()
+    for name, key, cap, period, window in policies["spend_limits"]:
         spend_limit_model.objects.get_or_create(
             name=name,
             defaults={"key": key, "cap_usd": cap, "period": period, "window_seconds": window},
         )
 
 
-def load_tool_prices(tool_price_model):
-    """Create the default per-call tool prices that are missing."""
-    for tool, price in DEFAULT_TOOL_PRICES.items():
+def load_tool_prices(tool_price_model, policies=None):
+    """Create the fresh-install per-call tool prices that are missing."""
+    policies = policies or configured_policies()
+    for tool, price in policies["tool_prices"].items():
         tool_price_model.objects.get_or_create(
             tool=tool,
             effective_from=SHEET_EPOCH,

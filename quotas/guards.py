@@ -17,6 +17,7 @@ import logging
 import uuid
 
 from channels.db import database_sync_to_async
+from django.utils.translation import gettext as _
 
 from .caps import Identity
 from .clientip import client_ip
@@ -82,7 +83,7 @@ class ConnectionGuard:
         snapshot = await policy_cache.aget()
         identity = await scope_identity(scope, client)
         rules = snapshot.rules_for("websocket", scope.get("path", ""))
-        decision = await get_limiter().ahit(limits_for(rules, client, identity.user_id))
+        decision = await get_limiter().ahit(limits_for(rules, client, identity.user_id, scope))
         # The rule target, not the raw path: a client must not be able to invent new rows.
         endpoint = rules[0].target if rules else "*"
         _record_decision(decision, "websocket", endpoint)
@@ -95,7 +96,8 @@ class ConnectionGuard:
                 send,
                 CLOSE_RATE_LIMITED,
                 "rate_limited",
-                f"Too many new sessions from your address. Try again in {retry} seconds.",
+                _("Too many new sessions from your address. Try again in %(seconds)d seconds.")
+                % {"seconds": retry},
                 retry,
             )
         caps = spend_counters().caps_for(snapshot.budget, identity, limits=snapshot.spend_limits)
@@ -122,7 +124,8 @@ class ConnectionGuard:
                 send,
                 CLOSE_RATE_LIMITED,
                 "concurrent_sessions",
-                f"You already have {maximum} DUCK-E sessions open. Close one and try again.",
+                _("You already have %(count)d %(service)s sessions open. Close one and try again.")
+                % {"count": maximum, "service": quota_settings.SERVICE_NAME},
                 30,
             )
         scope = dict(

@@ -1,5 +1,6 @@
 """HTTP rate limiting: match the request's rules, decide in one call, answer 429 or go on."""
 
+import functools
 import logging
 import time
 
@@ -34,16 +35,39 @@ def request_client_address(request):
     )
 
 
-def limits_for(rules, ip, user_id=None):
+def rule_key(rule, ip, user_id=None, target=None):
+    """Who a hit of ``rule`` counts for: ``ip``, ``user`` (else ip), ``global``, or the value
+    of the rule's key callable for ``target`` (a Django request or an ASGI scope)."""
+    if rule.key == "global":
+        return "global"
+    if rule.key == "user":
+        return f"user:{user_id}" if user_id is not None else f"ip:{ip}"
+    if rule.key == "ip":
+        return f"ip:{ip}"
+    function = key_function(rule.key)
+    value = function(target) if function is not None and target is not None else None
+    # A key function that has nothing to say counts the client, never nobody.
+    return f"key:{value}" if value else f"ip:{ip}"
+
+
+@functools.lru_cache(maxsize=64)
+def key_function(path):
+    """The callable a rule's dotted-path ``key`` names (None, logged, when it cannot load)."""
+    from django.utils.module_loading import import_string
+
+    try:
+        function = import_string(path)
+    except ImportError:
+        logger.warning("rate-limit key %r cannot be imported; counting per client", path)
+        return None
+    return function
+
+
+def limits_for(rules, ip, user_id=None, target=None):
     """One ``Limit`` per rule, keyed by the rule and the client it counts."""
     limits = []
     for rule in rules:
-        if rule.key == "global":
-            who = "global"
-        elif rule.key == "user" and user_id is not None:
-            who = f"user:{user_id}"
-        else:
-            who = f"ip:{ip}"
+        who = rule_key(rule, ip, user_id, target)
         limits.append(
             Limit(
                 key=f"{rule.name}:{who}",
@@ -54,6 +78,38 @@ def limits_for(rules, ip, user_id=None):
             )
         )
     return limits
+
+
+def too_many_requests(decision):
+    """The 429 of the contract for a refused ``decision``: JSON ``error``, ``detail``,
+    ``limit``, ``window_seconds``, ``retry_after``, and ``Retry-After`` / ``RateLimit-*``."""
+    refusing = max(decision.refusing, key=lambda s: s.reset_seconds)
+    retry_after = max(1, ceil_seconds(refusing.reset_seconds))
+    limit = refusing.limit
+    response = JsonResponse(
+        {
+            "error": "rate_limited",
+            "detail": f"Too many requests: at most {limit.limit} per {limit.window_seconds:g} "
+            f"seconds ({limit.label}). Try again in {retry_after} s.",
+            "limit": limit.limit,
+            "window_seconds": int(limit.window_seconds),
+            "retry_after": retry_after,
+        },
+        status=429,
+    )
+    response["Retry-After"] = str(retry_after)
+    add_ratelimit_headers(response, decision)
+    return response
+
+
+def add_ratelimit_headers(response, decision):
+    """``RateLimit-Limit``, ``-Remaining``, ``-Reset`` of the tightest enforced limit."""
+    tightest = decision.tightest
+    if tightest is None:
+        return
+    response["RateLimit-Limit"] = str(tightest.limit.limit)
+    response["RateLimit-Remaining"] = str(tightest.remaining)
+    response["RateLimit-Reset"] = str(ceil_seconds(tightest.reset_seconds))
 
 
 class RateLimitMiddleware:
@@ -80,7 +136,7 @@ class RateLimitMiddleware:
         if any(rule.key == "user" for rule in rules):
             user = getattr(request, "user", None)
             user_id = user.pk if user is not None and user.is_authenticated else None
-        limits = limits_for(rules, request_client_ip(request), user_id)
+        limits = limits_for(rules, request_client_ip(request), user_id, request)
         started = time.perf_counter()
         decision = get_limiter().hit(limits)
         return self._respond(request, rules, decision, started, self.get_response)
@@ -95,7 +151,7 @@ class RateLimitMiddleware:
         if any(rule.key == "user" for rule in rules) and hasattr(request, "auser"):
             user = await request.auser()
             user_id = user.pk if user.is_authenticated else None
-        limits = limits_for(rules, request_client_ip(request), user_id)
+        limits = limits_for(rules, request_client_ip(request), user_id, request)
         started = time.perf_counter()
         decision = await get_limiter().ahit(limits)
         response = self._respond(request, rules, decision, started, None)
@@ -123,7 +179,7 @@ class RateLimitMiddleware:
             rate_limit_exceeded_total.labels(endpoint=endpoint).inc()
             for state in decision.refusing:
                 record_violation(state.limit.label, "http", endpoint)
-            return self._refusal(decision)
+            return self._refusal(request, decision)
         if get_response is None:
             return None
         response = get_response(request)
@@ -132,28 +188,11 @@ class RateLimitMiddleware:
 
     @staticmethod
     def _add_headers(response, decision):
-        tightest = decision.tightest
-        if tightest is None:
-            return
-        response["RateLimit-Limit"] = str(tightest.limit.limit)
-        response["RateLimit-Remaining"] = str(tightest.remaining)
-        response["RateLimit-Reset"] = str(ceil_seconds(tightest.reset_seconds))
+        add_ratelimit_headers(response, decision)
 
-    def _refusal(self, decision):
-        refusing = max(decision.refusing, key=lambda s: s.reset_seconds)
-        retry_after = max(1, ceil_seconds(refusing.reset_seconds))
-        limit = refusing.limit
-        response = JsonResponse(
-            {
-                "error": "rate_limited",
-                "detail": f"Too many requests: at most {limit.limit} per {limit.window_seconds:g} "
-                f"seconds ({limit.label}). Try again in {retry_after} s.",
-                "limit": limit.limit,
-                "window_seconds": int(limit.window_seconds),
-                "retry_after": retry_after,
-            },
-            status=429,
-        )
-        response["Retry-After"] = str(retry_after)
-        self._add_headers(response, decision)
-        return response
+    def _refusal(self, request, decision):
+        if quota_settings.REFUSAL_VIEW:
+            from .api import check_of, refusal_response
+
+            return refusal_response(request, check_of(decision))
+        return too_many_requests(decision)

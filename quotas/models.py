@@ -10,12 +10,15 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
+from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
+from django.utils.module_loading import import_string
 
 from .defaults import TOKEN_KINDS
 
 USD = Decimal("0.000001")  # quantum of money in the ledger and in prices
 _PATH_TARGET = re.compile(r"^(\*|/[^\s*]*\*?)$")
+_URL_NAME = re.compile(r"^[A-Za-z_][\w.-]*(:[A-Za-z_][\w.-]*)*$")
 _TOOL_TARGET = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -26,6 +29,7 @@ class RateLimitRule(models.Model):
         HTTP = "http", "HTTP request"
         WEBSOCKET = "websocket", "WebSocket connection"
         TOOL = "tool", "Tool call"
+        VIEW = "view", "Named in code (quotas.ratelimit / quotas.check)"
 
     class Key(models.TextChoices):
         IP = "ip", "per client IP"
@@ -36,10 +40,17 @@ class RateLimitRule(models.Model):
     scope = models.CharField(max_length=16, choices=Scope.choices, default=Scope.HTTP)
     target = models.CharField(
         max_length=200,
-        help_text="HTTP/WebSocket: an exact path (/status), a prefix ending in * (/api/*) "
-        "or * for any path. Tool: the tool name (weather, web_search).",
+        blank=True,
+        help_text="HTTP/WebSocket: an exact path (/status), a prefix ending in * (/api/*), "
+        "* for any path, or a URL name (admin:login). Tool: the tool name (weather, "
+        "web_search). View: not used (leave empty).",
     )
-    key = models.CharField(max_length=16, choices=Key.choices, default=Key.IP)
+    key = models.CharField(
+        max_length=200,
+        default=Key.IP,
+        help_text="ip, user or global, or the dotted path of a function "
+        "key(request_or_scope) -> str (e.g. myapp.keys.api_token).",
+    )
     limit = models.PositiveIntegerField(validators=[MinValueValidator(1)])
     window_seconds = models.PositiveIntegerField(validators=[MinValueValidator(1)])
     enabled = models.BooleanField(default=True)
@@ -62,19 +73,40 @@ class RateLimitRule(models.Model):
 
     def clean(self):
         target = (self.target or "").strip()
+        key = (self.key or "").strip()
+        errors = {}
         if self.scope == self.Scope.TOOL:
             if not _TOOL_TARGET.match(target):
-                raise ValidationError(
-                    {"target": "A tool rule's target is a tool name: letters, digits, _ . -"}
+                errors["target"] = "A tool rule's target is a tool name: letters, digits, _ . -"
+        elif self.scope == self.Scope.VIEW:
+            target = ""
+        elif _URL_NAME.match(target) and target != "*":
+            try:
+                reverse(target)
+            except NoReverseMatch:
+                errors["target"] = (
+                    f"No URL is named {target!r} (or it needs arguments): use a URL name "
+                    "without arguments, or a path."
                 )
         elif not _PATH_TARGET.match(target):
-            raise ValidationError(
-                {
-                    "target": "Use an exact path starting with / (/status), a prefix ending "
-                    "in a single * (/api/*), or * alone for any path."
-                }
+            errors["target"] = (
+                "Use an exact path starting with / (/status), a prefix ending "
+                "in a single * (/api/*), * alone for any path, or a URL name (admin:login)."
             )
+        if key not in self.Key.values:
+            try:
+                function = import_string(key)
+            except ImportError:
+                function = None
+            if not callable(function):
+                errors["key"] = (
+                    "Use ip, user or global, or the dotted path of an importable function "
+                    "key(request_or_scope) -> str."
+                )
+        if errors:
+            raise ValidationError(errors)
         self.target = target
+        self.key = key
 
 
 class ModelPrice(models.Model):

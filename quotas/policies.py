@@ -125,23 +125,41 @@ class PolicySnapshot:
         return tuple(chosen)
 
 
+def rule_path(scope, target):
+    """The path an http/websocket rule targets: its own, or its URL name's (None: unknown)."""
+    if scope not in ("http", "websocket") or not target or target[0] in "/*":
+        return target
+    from django.urls import NoReverseMatch, reverse
+
+    try:
+        return reverse(target)
+    except NoReverseMatch:
+        return None
+
+
 def load_snapshot():
     """Read policies from the database (sync; call through ``sync_to_async`` from async code)."""
     from .models import BudgetPolicy, PolicyVersion, RateLimitRule, SpendLimit
 
     version = PolicyVersion.objects.filter(pk=1).values_list("version", flat=True).first() or 0
-    rules = tuple(
-        RuleSpec(
-            name=r.name,
-            scope=r.scope,
-            target=r.target,
-            key=r.key,
-            limit=r.limit,
-            window_seconds=r.window_seconds,
-            shadow=r.shadow,
+    rules = []
+    for r in RateLimitRule.objects.filter(enabled=True).order_by("name"):
+        target = rule_path(r.scope, r.target)
+        if target is None:
+            logger.warning("rule %s: no URL is named %r; the rule is not applied", r.name, r.target)
+            continue
+        rules.append(
+            RuleSpec(
+                name=r.name,
+                scope=r.scope,
+                target=target,
+                key=r.key,
+                limit=r.limit,
+                window_seconds=r.window_seconds,
+                shadow=r.shadow,
+            )
         )
-        for r in RateLimitRule.objects.filter(enabled=True).order_by("name")
-    )
+    rules = tuple(rules)
     policy = BudgetPolicy.objects.filter(active=True).first()
     budget = BudgetSpec()
     if policy is not None:

@@ -21,8 +21,9 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ducke.policies import DEFAULT_RULES
 from quotas.clientip import parse_trusted_proxies
-from quotas.defaults import DEFAULT_BUDGET, DEFAULT_RULES
+from quotas.defaults import DEFAULT_BUDGET
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

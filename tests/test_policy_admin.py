@@ -59,7 +59,8 @@ def assert_refused(response, message):
     [
         ({"limit": "0"}, "Ensure this value is greater than or equal to 1."),
         ({"window_seconds": "0"}, "Ensure this value is greater than or equal to 1."),
-        ({"target": "status"}, "Use an exact path starting with / (/status)"),
+        ({"target": "status page"}, "Use an exact path starting with / (/status)"),
+        ({"target": "no-such-url"}, "No URL is named 'no-such-url'"),
         ({"target": "/a*b"}, "a prefix ending in a single * (/api/*)"),
         ({"target": "/api/**"}, "a prefix ending in a single * (/api/*)"),
         ({"scope": "tool", "target": "/weather"}, "A tool rule's target is a tool name"),

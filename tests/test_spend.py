@@ -178,7 +178,9 @@ def test_two_instances_share_session_hour_and_breaker(redis_url, redis_prefix):
 def test_concurrent_charges_from_two_instances_are_race_free(redis_url, redis_prefix):
     clock = Clock()
     instances = [
-        SpendCounters(SharedRedis(redis_url), timer=clock, prefix=redis_prefix, ledger=False)
+        SpendCounters(
+            SharedRedis(redis_url, timeout=10), timer=clock, prefix=redis_prefix, ledger=False
+        )
         for _ in range(2)
     ]
     budget = BudgetSpec(
@@ -207,8 +209,15 @@ def test_concurrent_charges_from_two_instances_are_race_free(redis_url, redis_pr
 
 async def test_concurrent_async_charges_from_two_instances(redis_url, redis_prefix):
     clock = Clock()
-    a = SpendCounters(SharedRedis(redis_url), timer=clock, prefix=redis_prefix, ledger=False)
-    b = SpendCounters(SharedRedis(redis_url), timer=clock, prefix=redis_prefix, ledger=False)
+    # 200 charges in flight open up to 200 connections at once: on a busy machine a connect
+    # can take longer than the production 0.5 s timeout, and a fallback to the per-process
+    # twin is not what this test is about.
+    a = SpendCounters(
+        SharedRedis(redis_url, timeout=10), timer=clock, prefix=redis_prefix, ledger=False
+    )
+    b = SpendCounters(
+        SharedRedis(redis_url, timeout=10), timer=clock, prefix=redis_prefix, ledger=False
+    )
     amount, count = 60_000, 200  # $12 in all; the $10 threshold is reached by charge 167
     states = await asyncio.gather(
         *((a if i % 2 else b).acharge("s", amount, BUDGET) for i in range(count))
