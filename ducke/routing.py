@@ -14,6 +14,7 @@ from django.urls import path, re_path
 from ducke.consumers import SessionConsumer
 from ducke.origin import WebsocketOriginValidator, refuse_handshake
 from quotas.guards import ConnectionGuard
+from quotas.meter import smallest_answer_micro
 
 logger = logging.getLogger("ducke.routing")
 
@@ -34,7 +35,10 @@ def websocket_application():
         path(
             "session",
             WebsocketOriginValidator(
-                AuthMiddlewareStack(ConnectionGuard(SessionConsumer.as_asgi()))
+                AuthMiddlewareStack(
+                    # A session is worth starting while one bounded answer fits every cap.
+                    ConnectionGuard(SessionConsumer.as_asgi(), room=smallest_answer_micro)
+                )
             ),
         ),
     ]

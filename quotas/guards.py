@@ -39,6 +39,11 @@ logger = logging.getLogger("quotas.guards")
 _slots = {}
 
 
+def reset_session_slots():
+    """Forget the process-wide session slots (``quotas.testing``)."""
+    _slots.clear()
+
+
 def session_slots():
     """The process-wide ``SessionSlots`` for the current Redis settings."""
     link = shared_redis()
@@ -70,10 +75,17 @@ async def refuse_websocket(receive, send, code, reason, message, retry_after):
 
 
 class ConnectionGuard:
-    """Applies the websocket rules and the per-client concurrent-session limit."""
+    """Applies the websocket rules, the spend limits and caps, and the per-client
+    concurrent-session limit.
 
-    def __init__(self, application):
+    ``room``: optional ``room(budget) -> micro-USD`` (sync; may read the database), what a
+    session needs left under every cap to be worth starting (a Realtime relay: one answer
+    bounded by ``max_output_tokens``, ``quotas.meter.smallest_answer_micro``). Without it a
+    client is refused only when a cap has nothing left at all."""
+
+    def __init__(self, application, room=None):
         self.application = application
+        self.room = room
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "websocket" or not quota_settings.ENABLED:
@@ -101,7 +113,8 @@ class ConnectionGuard:
                 retry,
             )
         caps = spend_counters().caps_for(snapshot.budget, identity, limits=snapshot.spend_limits)
-        admission = await admit_new_session(snapshot.budget, caps=caps)
+        room = await database_sync_to_async(self.room)(snapshot.budget) if self.room else 0
+        admission = await admit_new_session(snapshot.budget, caps=caps, room_micro=room)
         if not admission.allowed:
             record_violation(f"budget:{admission.reason}", "websocket", endpoint)
             logger.info("connection refused for %s: %s", client, admission.reason)

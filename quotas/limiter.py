@@ -447,6 +447,13 @@ _limiter = None
 _limiter_lock = threading.Lock()
 
 
+def reset_limiter():
+    """Forget the process-wide limiter (the next ``get_limiter()`` builds a new one)."""
+    global _limiter
+    with _limiter_lock:
+        _limiter = None
+
+
 def get_limiter():
     """The process-wide limiter for the current settings (rebuilt if the Redis URL changes)."""
     global _limiter

@@ -221,12 +221,11 @@ def smallest_answer_micro(budget, at=None):
     return to_micro(per_token * int(budget.max_output_tokens_per_response))
 
 
-async def admit_new_session(budget, counters=None, caps=None):
-    """Whether a new session may start now: room for one bounded answer under every spend
-    limit and the rolling-hour cap, and the breaker not open."""
+async def admit_new_session(budget, counters=None, caps=None, room_micro=0):
+    """Whether a new session may start now: ``room_micro`` left (with 0: anything at all)
+    under every spend limit and the rolling-hour cap, and the breaker not open."""
     counters = counters or spend_counters()
-    room = await database_sync_to_async(smallest_answer_micro)(budget)
-    admission = await counters.aadmit(budget, caps, room_micro=room)
+    admission = await counters.aadmit(budget, caps, room_micro=room_micro)
     if not admission.allowed:
         count_refusal(admission.reason)
     return admission

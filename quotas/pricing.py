@@ -183,6 +183,12 @@ _book_lock = threading.Lock()
 _book_cache = {"snapshot": None, "book": None}
 
 
+def reset_price_book():
+    """Forget the cached price book (``quotas.testing``)."""
+    with _book_lock:
+        _book_cache["snapshot"] = _book_cache["book"] = None
+
+
 def price_book():
     """This process's price book, rebuilt when the policy snapshot is reloaded (sync).
 

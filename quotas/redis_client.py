@@ -131,6 +131,12 @@ _shared = {}
 _shared_lock = threading.Lock()
 
 
+def reset_shared_redis():
+    """Forget every ``SharedRedis`` of this process (``quotas.testing``)."""
+    with _shared_lock:
+        _shared.clear()
+
+
 def shared_redis():
     """The process-wide ``SharedRedis`` for ``QUOTAS_REDIS_URL``, or None without Redis."""
     url = quota_settings.REDIS_URL

@@ -8,11 +8,8 @@ import redis
 from asgiref.sync import sync_to_async
 from django.db import connections
 
-from quotas import events as events_module
-from quotas import limiter as limiter_module
-from quotas import spend as spend_module
 from quotas.policies import policy_cache
-from quotas.redis_client import _shared as shared_redis_links
+from quotas.testing import reset_quota_state, reset_redis_links
 
 REDIS_URL_FOR_TESTS = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 
@@ -31,11 +28,7 @@ def fresh_quota_state():
 
 def reset_process_state():
     """Forget cached policies, counters, spend totals and Redis links of this process."""
-    policy_cache.invalidate()
-    limiter_module._limiter = None
-    spend_module._counters.clear()
-    shared_redis_links.clear()
-    events_module.discard()
+    reset_quota_state()
 
 
 @pytest.fixture
@@ -67,8 +60,7 @@ def use_redis(settings, redis_url, redis_prefix):
     """Point the quotas app at the real Redis with a private key prefix."""
     settings.QUOTAS_REDIS_URL = redis_url
     settings.QUOTAS_KEY_PREFIX = redis_prefix
-    shared_redis_links.clear()
-    limiter_module._limiter = None
+    reset_redis_links()
     return redis_url
 
 
@@ -76,8 +68,7 @@ def use_redis(settings, redis_url, redis_prefix):
 def no_redis(settings):
     """Run with in-process counters only, whatever the environment says."""
     settings.QUOTAS_REDIS_URL = ""
-    shared_redis_links.clear()
-    limiter_module._limiter = None
+    reset_redis_links()
 
 
 @pytest.fixture

@@ -35,9 +35,9 @@ class Clock:
 
 @pytest.fixture(autouse=True)
 def fresh_spend_counters():
-    spend_module._counters.clear()
+    spend_module.reset_spend_counters()
     yield
-    spend_module._counters.clear()
+    spend_module.reset_spend_counters()
 
 
 @pytest.fixture

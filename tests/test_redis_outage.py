@@ -25,14 +25,12 @@ STATUS_LIMIT = 4
 @pytest.fixture
 def quota_redis(settings, redis_server):
     """The app's quotas on a private redis-server that the test may stop and start."""
-    from quotas import limiter as limiter_module
-    from quotas.redis_client import _shared
+    from quotas.testing import reset_redis_links
 
     settings.QUOTAS_REDIS_URL = redis_server.url
     settings.QUOTAS_KEY_PREFIX = f"outage-{uuid.uuid4().hex[:8]}"
     settings.QUOTAS_REDIS_RETRY_SECONDS = RETRY_SECONDS
-    _shared.clear()
-    limiter_module._limiter = None
+    reset_redis_links()
     return redis_server
 
 

@@ -31,9 +31,9 @@ USD = 1_000_000  # micro-USD per dollar
 @pytest.fixture(autouse=True)
 def fresh_spend_counters():
     """No process-wide spend counters (and their in-process twin) leak between tests."""
-    spend_module._counters.clear()
+    spend_module.reset_spend_counters()
     yield
-    spend_module._counters.clear()
+    spend_module.reset_spend_counters()
 
 
 class Clock:

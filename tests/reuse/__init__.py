@@ -1,0 +1,1 @@
+"""A minimal Django + Channels project that installs quotas and not ducke (reuse proof)."""
