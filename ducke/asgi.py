@@ -31,5 +31,9 @@ allow_server_close_codes()
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
 from ducke.routing import websocket_application  # noqa: E402
+from quotas.edge import RateLimitEdge  # noqa: E402
 
-application = ProtocolTypeRouter({"http": django_asgi_app, "websocket": websocket_application()})
+# HTTP rules that need no signed-in user are decided before Django runs (quotas.edge).
+application = ProtocolTypeRouter(
+    {"http": RateLimitEdge(django_asgi_app), "websocket": websocket_application()}
+)

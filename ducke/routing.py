@@ -13,6 +13,7 @@ from django.urls import path, re_path
 
 from ducke.consumers import SessionConsumer
 from ducke.origin import WebsocketOriginValidator, refuse_handshake
+from quotas.edge import count_hit
 from quotas.guards import ConnectionGuard
 from quotas.meter import smallest_answer_micro
 
@@ -24,6 +25,10 @@ async def refuse_unknown_path(scope, receive, send):
     # DEBUG, not INFO: a scan of made-up paths must not fill the log; daphne's access log
     # records each rejection anyway.
     logger.debug("WebSocket path not found: %s", scope.get("path", ""))
+    try:
+        await count_hit(scope)  # a scan of made-up paths spends the client's catch-all rule
+    except Exception as exc:  # the refusal matters more than its count
+        logger.debug("unknown path not counted: %s", exc.__class__.__name__)
     await refuse_handshake(scope, receive, send)
 
 

@@ -6,10 +6,14 @@ decision without a response. Importing ``quotas`` loads no model: the names reso
 """
 
 __version__ = "0.2.0"
-__all__ = ["Check", "acheck", "check", "ratelimit"]
+__all__ = ["Check", "acheck", "check", "edge_key", "ratelimit"]
 
 
 def __getattr__(name):
+    if name == "edge_key":
+        from .edge import edge_key
+
+        return edge_key
     if name in __all__:
         from . import api
 

@@ -9,6 +9,7 @@ from django.http import JsonResponse
 
 from .clientip import client_address, client_ip
 from .conf import quota_settings
+from .edge import SCOPE_KEY as EDGE_SCOPE_KEY
 from .events import record_violation
 from .limiter import Limit, ceil_seconds, get_limiter
 from .metrics import rate_limit_check_duration_seconds, rate_limit_exceeded_total
@@ -99,6 +100,8 @@ def too_many_requests(decision):
     )
     response["Retry-After"] = str(retry_after)
     add_ratelimit_headers(response, decision)
+    # Counted in metrics and violation events: not one django.request WARNING per refusal.
+    response._has_been_logged = True
     return response
 
 
@@ -129,7 +132,7 @@ class RateLimitMiddleware:
             return self.__acall__(request)
         if not quota_settings.ENABLED:
             return self.get_response(request)
-        rules = policy_cache.get().rules_for("http", request.path)
+        rules, edge = self._rules(request, policy_cache.get())
         if not rules:
             return self.get_response(request)
         user_id = None
@@ -139,12 +142,14 @@ class RateLimitMiddleware:
         limits = limits_for(rules, request_client_ip(request), user_id, request)
         started = time.perf_counter()
         decision = get_limiter().hit(limits)
+        if edge is not None:
+            edge["middleware_decision"] = decision
         return self._respond(request, rules, decision, started, self.get_response)
 
     async def __acall__(self, request):
         if not quota_settings.ENABLED:
             return await self.get_response(request)
-        rules = (await policy_cache.aget()).rules_for("http", request.path)
+        rules, edge = self._rules(request, await policy_cache.aget())
         if not rules:
             return await self.get_response(request)
         user_id = None
@@ -154,11 +159,24 @@ class RateLimitMiddleware:
         limits = limits_for(rules, request_client_ip(request), user_id, request)
         started = time.perf_counter()
         decision = await get_limiter().ahit(limits)
+        if edge is not None:
+            edge["middleware_decision"] = decision  # the edge merges the RateLimit-* headers
         response = self._respond(request, rules, decision, started, None)
         if response is None:
             response = await self.get_response(request)
             self._add_headers(response, decision)
         return response
+
+    @staticmethod
+    def _rules(request, snapshot):
+        """The rules this middleware decides, and the edge's record when ``RateLimitEdge``
+        has decided the others already (``quotas.edge``)."""
+        rules = snapshot.rules_for("http", request.path)
+        scope = getattr(request, "scope", None)
+        edge = scope.get(EDGE_SCOPE_KEY) if scope is not None else None
+        if edge is not None and rules:
+            rules = tuple(rule for rule in rules if rule.name not in edge["decided"])
+        return rules, edge
 
     def _respond(self, request, rules, decision, started, get_response):
         endpoint = rules[0].target

@@ -151,6 +151,7 @@ async def test_session_route_checks_the_full_origin(settings, no_redis):
     assert not await handshake("https://127.0.0.1:8000", app=app)
 
 
+@pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("path", ["/nope", "/session/extra", "/simulator/v1/realtime"])
 async def test_unknown_paths_are_refused_without_an_error(settings, caplog, path):
     settings.DUCKE_SIMULATOR_ENABLED = False
