@@ -10,20 +10,10 @@ import threading
 import time
 
 from .conf import quota_settings
-from .redis_client import REDIS_ERRORS
+from .redis_client import LuaScript, fallback_mode
 
-# KEYS[1]: the client's slot set. ARGV: now, expires_at, max, token. Returns 1 if acquired.
-ACQUIRE_LUA = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZSCORE', KEYS[1], ARGV[4]) then
-  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
-  return 1
-end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
-redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) - tonumber(ARGV[1])) + 1)
-return 1
-"""
+SLOT_ACQUIRE = LuaScript("slot_acquire")
+SLOT_RELEASE = LuaScript("slot_release")
 
 
 class SessionSlots:
@@ -36,7 +26,6 @@ class SessionSlots:
         self.timer = timer
         self._local = {}
         self._lock = threading.Lock()
-        self._scripts = {}
 
     def _key(self, client):
         return f"{quota_settings.KEY_PREFIX}:slots:{client}"
@@ -60,30 +49,18 @@ class SessionSlots:
                 if not slots:
                     self._local.pop(client, None)
 
-    def _use_redis(self):
-        return self.link is not None and self.link.available
-
     async def acquire(self, client, token, maximum):
         """Take a slot for ``token``; False when ``client`` already holds ``maximum``."""
         now = self.timer()
-        if self._use_redis():
-            client_redis = self.link.async_client
-            script = self._scripts.get(id(client_redis))
-            if script is None:
-                script = self._scripts[id(client_redis)] = client_redis.register_script(ACQUIRE_LUA)
-            try:
-                ok = await script(
-                    keys=[self._key(client)],
-                    args=[repr(now), repr(now + self.TTL_SECONDS), maximum, token],
-                )
-            except REDIS_ERRORS as exc:
-                self.link.mark_down(exc)
-            else:
-                self.link.mark_up()
-                return bool(int(ok))
-        if self.link is not None and quota_settings.FAIL_MODE == "open":
+        if self.link is not None:
+            args = [repr(now), repr(now + self.TTL_SECONDS), maximum, token]
+            reply = await self.link.arun(SLOT_ACQUIRE, [self._key(client)], args)
+            if reply is not None:
+                return bool(int(reply))
+        mode = fallback_mode(self.link)
+        if mode == "open":
             return True
-        if self.link is not None and quota_settings.FAIL_MODE == "closed":
+        if mode == "closed":
             return False
         return self._local_acquire(client, token, maximum, now)
 
@@ -94,8 +71,11 @@ class SessionSlots:
     async def release(self, client, token):
         """Give the slot back (both stores, so a slot taken during an outage is freed too)."""
         self._local_release(client, token)
-        if self._use_redis():
-            try:
-                await self.link.async_client.zrem(self._key(client), token)
-            except REDIS_ERRORS as exc:
-                self.link.mark_down(exc)
+        if self.link is not None:
+            await self.link.arun(SLOT_RELEASE, [self._key(client)], [token])
+
+    def release_sync(self, client, token):
+        """``release()`` for sync code (a process starting up, before its event loop runs)."""
+        self._local_release(client, token)
+        if self.link is not None:
+            self.link.run(SLOT_RELEASE, [self._key(client)], [token])

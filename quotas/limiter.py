@@ -11,7 +11,6 @@ process, a lock and a deque per counter). ``RateLimiter`` picks Redis when confi
 up, and falls back per ``QUOTAS_FAIL_MODE`` when it is not.
 """
 
-import hashlib
 import itertools
 import math
 import os
@@ -20,11 +19,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-import redis
-from redis.exceptions import NoScriptError
-
 from .conf import quota_settings
-from .redis_client import REDIS_ERRORS, shared_redis
+from .redis_client import LuaScript, fallback_mode, shared_redis
 
 
 @dataclass(frozen=True)
@@ -161,77 +157,11 @@ class LocalWindows:
             self._windows.clear()
 
 
-# KEYS: counter keys. ARGV[1]: now (ms), ARGV[2]: unique member for this hit, then five
-# per key: limit, window (ms), time to live (whole ms), enforce (1/0), and the window's
-# floor (now - window, ms): hits at or before it have left the window.
-# Returns "admitted hits_1 reset_us_1 hits_2 reset_us_2 ..." (integers, space-separated;
-# reset -1: not computed, see RedisWindows).
-# Why this shape: every Lua number passed to redis.call is formatted with %.17g and parsed
-# again, which costs more than the command itself, so times travel as the client's strings;
-# and one bulk string is far cheaper for redis-py's pure-Python parser than an array.
-MOVING_WINDOW_LUA = """
-local counts, limits = {}, {}
-local admitted = 1
-for i = 1, #KEYS do
-  local base = (i - 1) * 5 + 2
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[base + 5])
-  local count = redis.call('ZCARD', KEYS[i])
-  local limit = tonumber(ARGV[base + 1])
-  counts[i], limits[i] = count, limit
-  if ARGV[base + 4] == '1' and count >= limit then admitted = 0 end
-end
--- Only the limits that shape the answer need their reset time: those at or over their
--- limit, and the enforced ones with the fewest hits left (the RateLimit-* headers).
-local least = math.huge
-for i = 1, #KEYS do
-  if ARGV[(i - 1) * 5 + 6] == '1' then
-    local left = limits[i] - counts[i] - admitted
-    if left < least then least = left end
-  end
-end
-local now = tonumber(ARGV[1])
-local result = {admitted}
-for i = 1, #KEYS do
-  local base = (i - 1) * 5 + 2
-  local count, limit = counts[i], limits[i]
-  if admitted == 1 then
-    redis.call('ZADD', KEYS[i], ARGV[1], ARGV[2])
-    redis.call('PEXPIRE', KEYS[i], ARGV[base + 3])
-    count = count + 1
-  end
-  local reset = -1
-  if count > 0 and (count >= limit or (ARGV[base + 4] == '1' and limit - count == least)) then
-    -- The hit that must leave the window before another fits: the oldest while there
-    -- is room, else the one 'limit' places before the newest.
-    local index = count - limit
-    local entry
-    if index > 0 then
-      entry = redis.call('ZRANGE', KEYS[i], index, index, 'WITHSCORES')
-    else
-      entry = redis.call('ZRANGE', KEYS[i], '0', '0', 'WITHSCORES')
-    end
-    reset = 0
-    if entry[2] then
-      reset = math.ceil((tonumber(entry[2]) + tonumber(ARGV[base + 2]) - now) * 1000)
-    end
-  elseif count == 0 then
-    reset = 0
-  end
-  result[#result + 1] = count
-  result[#result + 1] = reset
-end
-return table.concat(result, ' ')
-"""
-MOVING_WINDOW_SHA = hashlib.sha1(MOVING_WINDOW_LUA.encode()).hexdigest()
-_ARGS_PER_LIMIT = 5
+# Keys, arguments and reply of the script: quotas/lua/moving_window.lua.
+MOVING_WINDOW = LuaScript("moving_window")
 
 _member_counter = itertools.count()
 _member_prefix = f"{os.getpid()}-{os.urandom(4).hex()}-"
-
-
-def _bulk(data):
-    """One RESP bulk string."""
-    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 class RedisWindows:
@@ -239,12 +169,8 @@ class RedisWindows:
 
     ``reset_seconds`` is exact for the limits that shape the answer (those at or over their
     limit, and the enforced ones with the fewest hits left); for the others it is the
-    window length, an upper bound.
-
-    The sync path writes the command's RESP bytes itself (the script head and each rule's
-    arguments are encoded once and cached) and sends them on a connection of its own per
-    thread, so a decision costs little more than a PING. The async path uses the asyncio
-    client's ``execute_command``, which handles task cancellation mid-reply.
+    window length, an upper bound. The script runs through ``SharedRedis.run``/``arun``
+    (``quotas.redis_client``), which answers None while Redis is down.
     """
 
     engine = "redis"
@@ -254,61 +180,29 @@ class RedisWindows:
         self.prefix = prefix if prefix is not None else quota_settings.KEY_PREFIX
         self.timer = timer
         self._key_prefix = f"{self.prefix}:rl:"
-        self._heads = {}  # number of limits -> packed "EVALSHA sha n"
-        self._specs = {}  # (limit, window, enforce) -> packed limit, window, ttl, enforce
-        self._local = threading.local()
-
-    @staticmethod
-    def _spec_values(limit):
-        window_ms = limit.window_seconds * 1000.0
-        return (
-            b"%d" % limit.limit,
-            repr(window_ms).encode(),
-            b"%d" % math.ceil(window_ms),
-            b"1" if limit.enforce else b"0",
-        )
+        self._specs = {}  # (limit, window, enforce) -> encoded limit, window, ttl, enforce
 
     def _spec(self, limit):
         spec_key = (limit.limit, limit.window_seconds, limit.enforce)
         spec = self._specs.get(spec_key)
         if spec is None:
-            spec = self._specs[spec_key] = b"".join(map(_bulk, self._spec_values(limit)))
+            window_ms = limit.window_seconds * 1000.0
+            spec = self._specs[spec_key] = (
+                b"%d" % limit.limit,
+                repr(window_ms).encode(),
+                b"%d" % math.ceil(window_ms),
+                b"1" if limit.enforce else b"0",
+            )
         return spec
 
-    def pack(self, limits, now):
-        """The RESP-encoded EVALSHA command deciding one hit on ``limits`` at ``now``."""
-        count = len(limits)
-        head = self._heads.get(count)
-        if head is None:
-            head = self._heads[count] = (
-                b"*%d\r\n" % (5 + (1 + _ARGS_PER_LIMIT) * count)
-                + _bulk(b"EVALSHA")
-                + _bulk(MOVING_WINDOW_SHA.encode())
-                + _bulk(b"%d" % count)
-            )
-        prefix = self._key_prefix
-        parts = [head]
-        parts += [_bulk(f"{prefix}{limit.key}".encode()) for limit in limits]
-        now_ms = now * 1000.0
-        parts.append(_bulk(repr(now_ms).encode()))
-        parts.append(_bulk(f"{_member_prefix}{next(_member_counter)}".encode()))
-        floors = {}
-        for limit in limits:
-            parts.append(self._spec(limit))
-            window = limit.window_seconds
-            floor = floors.get(window)
-            if floor is None:
-                floor = floors[window] = _bulk(repr(now_ms - window * 1000.0).encode())
-            parts.append(floor)
-        return b"".join(parts)
-
     def arguments(self, limits, now):
-        """Keys and ARGV of the script for one hit (for clients that pack commands)."""
-        keys = [f"{self._key_prefix}{limit.key}" for limit in limits]
+        """Keys and ARGV of the script for one hit on ``limits`` at ``now``."""
+        prefix = self._key_prefix
+        keys = [f"{prefix}{limit.key}" for limit in limits]
         now_ms = now * 1000.0
         args = [repr(now_ms).encode(), f"{_member_prefix}{next(_member_counter)}".encode()]
         for limit in limits:
-            args += self._spec_values(limit)
+            args += self._spec(limit)
             args.append(repr(now_ms - limit.window_seconds * 1000.0).encode())
         return keys, args
 
@@ -325,62 +219,21 @@ class RedisWindows:
             states.append(LimitState(limit, int(fields[1 + 2 * i]), reset, admitted))
         return Decision(admitted, tuple(states), "redis")
 
-    def _connection(self):
-        # One connection per thread, made with the pool's class and options (TLS, AUTH,
-        # timeouts): checking a connection out of the pool and back costs more than the
-        # script itself. Only this thread uses it, and a failed call disconnects it, so it
-        # never holds an unread reply; the next call reconnects.
-        local = self._local
-        connection = getattr(local, "connection", None)
-        if connection is None or local.pid != os.getpid():
-            pool = self.link.client.connection_pool
-            connection = local.connection = pool.connection_class(**pool.connection_kwargs)
-            local.pid = os.getpid()
-        return connection
-
-    def _execute(self, packed):
-        connection = self._connection()
-        connection.send_packed_command([packed], check_health=False)
-        return connection.read_response()
-
-    def close(self):
-        """Close this thread's connection (others close when their thread ends)."""
-        connection = getattr(self._local, "connection", None)
-        if connection is not None:
-            connection.disconnect()
-
     def hit(self, limits, now=None):
-        """Decide synchronously; raises a Redis error when Redis does not answer."""
+        """Decide synchronously; None while Redis is down."""
         now = self.timer() if now is None else now
-        packed = self.pack(limits, now)
-        try:
-            reply = self._execute(packed)
-        except NoScriptError:
-            self.link.client.script_load(MOVING_WINDOW_LUA)
-            reply = self._execute(packed)
-        except redis.exceptions.ConnectionError:
-            # A connection that Redis closed (restart, idle timeout) fails once; a fresh one
-            # tells whether Redis is really gone (refused connects fail fast). Should the
-            # first reply have been lost after the script ran, the hit counts twice: the
-            # safe direction.
-            reply = self._execute(packed)
-        return self._decision(limits, reply)
+        reply = self.link.run(MOVING_WINDOW, *self.arguments(limits, now))
+        return None if reply is None else self._decision(limits, reply)
 
     async def ahit(self, limits, now=None):
-        """Decide on the running event loop; raises a Redis error when Redis does not answer."""
+        """Decide on the running event loop; None while Redis is down."""
         now = self.timer() if now is None else now
-        client = self.link.async_client
-        keys, args = self.arguments(limits, now)
-        try:
-            reply = await client.execute_command(
-                "EVALSHA", MOVING_WINDOW_SHA, len(keys), *keys, *args
-            )
-        except NoScriptError:
-            await client.script_load(MOVING_WINDOW_LUA)
-            reply = await client.execute_command(
-                "EVALSHA", MOVING_WINDOW_SHA, len(keys), *keys, *args
-            )
-        return self._decision(limits, reply)
+        reply = await self.link.arun(MOVING_WINDOW, *self.arguments(limits, now))
+        return None if reply is None else self._decision(limits, reply)
+
+    def close(self):
+        """Close this thread's script connection."""
+        self.link.close()
 
 
 class RateLimiter:
@@ -395,10 +248,10 @@ class RateLimiter:
 
     @property
     def fail_mode(self):
-        return self._fail_mode or quota_settings.FAIL_MODE
+        return fallback_mode(self.link, self._fail_mode)
 
     def _fallback(self, limits, now):
-        mode = self.fail_mode
+        mode = fallback_mode(self.link, self._fail_mode)
         if mode == "open":
             states = tuple(_state(lim, 0, 0.0, True) for lim in limits)
             return Decision(allowed=True, states=states, engine="open")
@@ -413,16 +266,10 @@ class RateLimiter:
         now = self.timer() if now is None else now
         if not limits:
             return Decision(allowed=True, states=(), engine="none")
-        if self.redis is not None and self.link.available:
-            try:
-                decision = self.redis.hit(limits, now)
-            except REDIS_ERRORS as exc:
-                self.link.mark_down(exc)
-            else:
-                self.link.mark_up()
+        if self.redis is not None:
+            decision = self.redis.hit(limits, now)
+            if decision is not None:
                 return decision
-        if self.redis is None:
-            return self.local.hit(limits, now)
         return self._fallback(limits, now)
 
     async def ahit(self, limits, now=None):
@@ -430,16 +277,10 @@ class RateLimiter:
         now = self.timer() if now is None else now
         if not limits:
             return Decision(allowed=True, states=(), engine="none")
-        if self.redis is not None and self.link.available:
-            try:
-                decision = await self.redis.ahit(limits, now)
-            except REDIS_ERRORS as exc:
-                self.link.mark_down(exc)
-            else:
-                self.link.mark_up()
+        if self.redis is not None:
+            decision = await self.redis.ahit(limits, now)
+            if decision is not None:
                 return decision
-        if self.redis is None:
-            return self.local.hit(limits, now)
         return self._fallback(limits, now)
 
 

@@ -1,17 +1,27 @@
-"""The Redis connection shared by every quota counter, with its health.
+"""The Redis connection shared by every quota counter, its health, and the one script runner.
 
 One ``SharedRedis`` per process (``shared_redis()``) holds a sync client and one asyncio
-client per event loop. When a call fails, the link is marked down and left alone for
-``QUOTAS_REDIS_RETRY_SECONDS``; callers then fall back per ``QUOTAS_FAIL_MODE``. The next
-call after that pause tries Redis again, so a Redis that comes back is used again without
-a restart.
+client per event loop. Every counter (the limiter, the spend engine, the session slots)
+runs its Lua script (``quotas/lua/*.lua``, a ``LuaScript``) through ``SharedRedis.run`` or
+``arun``: one EVALSHA, the script loaded on NOSCRIPT, one retry on a connection Redis
+closed, and the up/down state kept here. When a call fails, the link is marked down, the
+call answers ``None`` and Redis is left alone for ``QUOTAS_REDIS_RETRY_SECONDS``; callers
+then fall back per ``fallback_mode()`` (``QUOTAS_FAIL_MODE``). The next call after that pause
+tries Redis again, so a Redis that comes back is used again without a restart.
+
+The sync path writes each command's RESP bytes itself and sends them on a connection of its
+own per thread: checking a connection out of redis-py's pool and back, and its command
+packer, cost more than a decision's script.
 """
 
 import asyncio
+import hashlib
 import logging
+import os
 import threading
 import time
 import weakref
+from pathlib import Path
 
 import redis
 import redis.asyncio
@@ -25,6 +35,60 @@ from .metrics import redis_available
 logger = logging.getLogger("quotas.redis")
 
 REDIS_ERRORS = (redis.exceptions.RedisError, OSError)
+LUA_DIR = Path(__file__).with_name("lua")
+
+
+def fallback_mode(link, override=None):
+    """How a decision goes while Redis cannot be used: ``local`` (the in-process twin, also
+    when no Redis is configured), ``open`` (allow) or ``closed`` (refuse); one meaning of
+    ``QUOTAS_FAIL_MODE`` (or an engine's ``override``) for the limiter, the spend engine and
+    the session slots."""
+    if link is None:
+        return "local"
+    return override or quota_settings.FAIL_MODE
+
+
+def _bulk(data):
+    """One RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def _encode(value):
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, int):
+        return b"%d" % value
+    return repr(value).encode()
+
+
+class LuaScript:
+    """A Lua script of ``quotas/lua/``, run by SHA through ``SharedRedis.run``/``arun``."""
+
+    def __init__(self, name):
+        self.name = name
+        self.source = (LUA_DIR / f"{name}.lua").read_text()
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+        self._heads = {}  # (keys, args) -> packed "*n EVALSHA sha numkeys"
+
+    def pack(self, keys, args):
+        """The RESP bytes of ``EVALSHA sha len(keys) *keys *args``."""
+        shape = (len(keys), len(args))
+        head = self._heads.get(shape)
+        if head is None:
+            head = self._heads[shape] = (
+                b"*%d\r\n" % (3 + len(keys) + len(args))
+                + _bulk(b"EVALSHA")
+                + _bulk(self.sha.encode())
+                + _bulk(b"%d" % len(keys))
+            )
+        return b"".join(
+            [head, *(_bulk(_encode(k)) for k in keys), *(_bulk(_encode(a)) for a in args)]
+        )
+
+    def __repr__(self):
+        return f"LuaScript({self.name!r})"
 
 
 class SharedRedis:
@@ -47,6 +111,7 @@ class SharedRedis:
         self._sync = None
         self._async_by_loop = weakref.WeakKeyDictionary()
         self._listeners = []
+        self._local = threading.local()
 
     def _options(self, retry_class):
         return {
@@ -115,6 +180,79 @@ class SharedRedis:
     def on_recovery(self, listener):
         """Call ``listener()`` after the first successful call that follows an outage."""
         self._listeners.append(listener)
+
+    # -- the script runner -----------------------------------------------------------------
+
+    def _connection(self):
+        # One connection per thread, made with the pool's class and options (TLS, AUTH,
+        # timeouts). Only this thread uses it, and a failed call disconnects it, so it never
+        # holds an unread reply; the next call reconnects.
+        local = self._local
+        connection = getattr(local, "connection", None)
+        if connection is None or local.pid != os.getpid():
+            pool = self.client.connection_pool
+            connection = local.connection = pool.connection_class(**pool.connection_kwargs)
+            local.pid = os.getpid()
+        return connection
+
+    def _send(self, packed):
+        connection = self._connection()
+        connection.send_packed_command([packed], check_health=False)
+        return connection.read_response()
+
+    def execute(self, script, keys, args):
+        """Run ``script`` (sync); raises a Redis error when Redis does not answer."""
+        packed = script.pack(keys, args)
+        try:
+            return self._send(packed)
+        except redis.exceptions.NoScriptError:
+            self.client.script_load(script.source)
+            return self._send(packed)
+        except redis.exceptions.ConnectionError:
+            # A connection that Redis closed (restart, idle timeout) fails once; a fresh one
+            # tells whether Redis is really gone (refused connects fail fast). Should the first
+            # reply have been lost after the script ran, it counts twice: the safe direction.
+            return self._send(packed)
+
+    async def aexecute(self, script, keys, args):
+        """Run ``script`` on the running event loop; raises a Redis error when Redis does not
+        answer. The asyncio client handles a task cancelled mid-reply."""
+        client = self.async_client
+        try:
+            return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            await client.script_load(script.source)
+            return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    def run(self, script, keys, args):
+        """The script's reply (sync), or None while Redis is down (marked here)."""
+        if not self.available:
+            return None
+        try:
+            reply = self.execute(script, keys, args)
+        except REDIS_ERRORS as exc:
+            self.mark_down(exc)
+            return None
+        self.mark_up()
+        return reply
+
+    async def arun(self, script, keys, args):
+        """The script's reply on the running event loop, or None while Redis is down."""
+        if not self.available:
+            return None
+        try:
+            reply = await self.aexecute(script, keys, args)
+        except REDIS_ERRORS as exc:
+            self.mark_down(exc)
+            return None
+        self.mark_up()
+        return reply
+
+    def close(self):
+        """Close this thread's script connection (others close when their thread ends)."""
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.disconnect()
 
     def ping(self):
         """True when Redis answers now (also updates the state)."""

@@ -52,7 +52,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 from channels.db import database_sync_to_async
 
@@ -63,7 +62,7 @@ from .metrics import circuit_breaker_open, hourly_cost_usd
 from .notifications import spend_notifier
 from .pricing import MICRO_PER_USD, from_micro, timestamp_to_datetime, to_micro
 from .protocol import breaker_message, refusal_message
-from .redis_client import REDIS_ERRORS, shared_redis
+from .redis_client import LuaScript, fallback_mode, shared_redis
 
 logger = logging.getLogger("quotas.spend")
 
@@ -73,9 +72,9 @@ BREAKER_EVENT = "quotas.breaker_open"
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 REPLAY_BATCH = 1000
 OPS = ("read", "admit", "reserve", "charge", "settle", "release")
-_LUA = Path(__file__).with_name("lua")
-SPEND_LUA = (_LUA / "spend.lua").read_text()
-REPLAY_LUA = (_LUA / "spend_replay.lua").read_text()
+SPEND = LuaScript("spend")
+REPLAY = LuaScript("spend_replay")
+RESET_BREAKER = LuaScript("breaker_reset")
 
 
 def entry_member(micro, entry_id):
@@ -440,7 +439,7 @@ class SpendCounters:
 
     @property
     def fail_mode(self):
-        return self._fail_mode or quota_settings.FAIL_MODE
+        return fallback_mode(self.link, self._fail_mode)
 
     # -- caps ---------------------------------------------------------------------------------
 
@@ -521,16 +520,6 @@ class SpendCounters:
             over=tuple(cap for cap, flag in zip(caps, over, strict=True) if flag),
         )
 
-    def _script(self, client, source):
-        key = (id(client), source is REPLAY_LUA)
-        script = self._scripts.get(key)
-        if script is None:
-            script = self._scripts[key] = client.register_script(source)
-        return script
-
-    def _use_redis(self):
-        return self.link is not None and self.link.available
-
     def _local_decide(self, op, caps, budget, amount, add_member, remove_member, now):
         reply = self.local.decide(
             op,
@@ -547,36 +536,30 @@ class SpendCounters:
     def decide(self, op, caps, budget, *, amount=0, add=None, remove=None, at=None):
         """One spend decision (sync); see the module docstring for ``op``."""
         now = _ms(self.timer() if at is None else at)
-        if self._use_redis():
-            keys, args = self._plan(op, caps, budget, amount, add, remove, now)
-            try:
-                reply = self._script(self.link.client, SPEND_LUA)(keys=keys, args=args)
-            except REDIS_ERRORS as exc:
-                self.link.mark_down(exc)
-            else:
-                self._local_seeded = False
-                self.link.mark_up()
-                return self._observe(self._parse(reply, caps, "redis"), budget, now, op)
+        if self.link is not None:
+            reply = self.link.run(SPEND, *self._plan(op, caps, budget, amount, add, remove, now))
+            if reply is not None:
+                return self._redis_state(reply, caps, budget, now, op)
         self._seed_local()
-        state = self._local_decide(self._local_op(op), caps, budget, amount, add, remove, now)
-        return self._observe(self._fallback(state, op), budget, now, op)
+        return self._local_state(op, caps, budget, amount, add, remove, now)
 
     async def adecide(self, op, caps, budget, *, amount=0, add=None, remove=None, at=None):
         """``decide()`` for async callers: the Redis call does not block the event loop."""
         now = _ms(self.timer() if at is None else at)
-        if self._use_redis():
-            keys, args = self._plan(op, caps, budget, amount, add, remove, now)
-            try:
-                script = self._script(self.link.async_client, SPEND_LUA)
-                reply = await script(keys=keys, args=args)
-            except REDIS_ERRORS as exc:
-                self.link.mark_down(exc)
-            else:
-                self._local_seeded = False
-                self.link.mark_up()
-                return self._observe(self._parse(reply, caps, "redis"), budget, now, op)
+        if self.link is not None:
+            plan = self._plan(op, caps, budget, amount, add, remove, now)
+            reply = await self.link.arun(SPEND, *plan)
+            if reply is not None:
+                return self._redis_state(reply, caps, budget, now, op)
         if self.ledger and not self._local_seeded:
             await database_sync_to_async(self._seed_local)()
+        return self._local_state(op, caps, budget, amount, add, remove, now)
+
+    def _redis_state(self, reply, caps, budget, now, op):
+        self._local_seeded = False  # the next stretch of local use seeds the twin anew
+        return self._observe(self._parse(reply, caps, "redis"), budget, now, op)
+
+    def _local_state(self, op, caps, budget, amount, add, remove, now):
         state = self._local_decide(self._local_op(op), caps, budget, amount, add, remove, now)
         return self._observe(self._fallback(state, op), budget, now, op)
 
@@ -727,13 +710,7 @@ class SpendCounters:
         circuit_breaker_open.set(0)
         if self.link is None:
             return False
-        try:
-            self.link.client.delete(f"{self.prefix}:spend:breaker")
-        except REDIS_ERRORS as exc:
-            self.link.mark_down(exc)
-            return False
-        self.link.mark_up()
-        return True
+        return self.link.run(RESET_BREAKER, [f"{self.prefix}:spend:breaker"], []) is not None
 
     def forget_session(self, session_id):
         """Drop a closed session's in-process counter (its Redis key expires by itself)."""
@@ -791,25 +768,20 @@ class SpendCounters:
             snapshot = _replace(snapshot, budget=budget)
         now = self.timer()
         entries = ledger_entries(now, snapshot, self.prefix, quota_settings.budget_timezone)
-        try:
-            script = self._script(self.link.client, REPLAY_LUA)
-            hour_total = 0
-            for cap, items in entries.items():
-                total = 0
-                for start in range(0, max(1, len(items)), REPLAY_BATCH):
-                    args = [_ms(now), cap.window_ms, cap.ttl_seconds]
-                    for score, member in items[start : start + REPLAY_BATCH]:
-                        args += [score, member]
-                    total = int(script(keys=[cap.key, cap.total_key], args=args))
-                if cap.name == HOURLY:
-                    hour_total = total
-            state = self.decide(
-                "read", self._legacy_caps(snapshot.budget, None, None), snapshot.budget
-            )
-        except REDIS_ERRORS as exc:
-            self.link.mark_down(exc)
-            logger.warning("spend counters not rebuilt: Redis failed (%s)", exc.__class__.__name__)
-            return None
+        hour_total = 0
+        for cap, items in entries.items():
+            total = 0
+            for start in range(0, max(1, len(items)), REPLAY_BATCH):
+                args = [_ms(now), cap.window_ms, cap.ttl_seconds]
+                for score, member in items[start : start + REPLAY_BATCH]:
+                    args += [score, member]
+                total = self.link.run(REPLAY, [cap.key, cap.total_key], args)
+                if total is None:
+                    logger.warning("spend counters not rebuilt: Redis is unavailable")
+                    return None
+            if cap.name == HOURLY:
+                hour_total = int(total)
+        state = self.decide("read", self._legacy_caps(snapshot.budget, None, None), snapshot.budget)
         logger.warning(
             "spend counters rebuilt from the ledger: %d counters, $%s in the hour",
             len(entries),
