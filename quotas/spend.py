@@ -457,6 +457,10 @@ class SpendCounters:
             session_id=session_id,
         )
 
+    def default_caps(self, budget, session_id=None):
+        """The session (when given) and the rolling hour: decisions that know no identity."""
+        return self._legacy_caps(budget, session_id, None)
+
     def _legacy_caps(self, budget, session_id, at):
         """The session (when given) and the rolling hour: decisions that know no identity."""
         caps = [hourly_cap(budget, prefix=self.prefix)]
@@ -598,19 +602,9 @@ class SpendCounters:
 
     # -- the operations -------------------------------------------------------------------------
 
-    def reserve(self, caps, amount_micro, member, budget, *, at=None):
-        """Hold ``amount_micro`` against every cap of ``caps``, or refuse (sync)."""
-        return self.decide("reserve", caps, budget, amount=amount_micro, add=member, at=at)
-
     async def areserve(self, caps, amount_micro, member, budget, *, at=None):
         """Hold ``amount_micro`` against every cap of ``caps``, or refuse."""
         return await self.adecide("reserve", caps, budget, amount=amount_micro, add=member, at=at)
-
-    def settle(self, caps, reserved_member, amount_micro, member, budget, *, at=None):
-        """Replace a reservation's entry by the exact cost's (sync)."""
-        return self.decide(
-            "settle", caps, budget, amount=amount_micro, add=member, remove=reserved_member, at=at
-        )
 
     async def asettle(self, caps, reserved_member, amount_micro, member, budget, *, at=None):
         """Replace a reservation's entry by the exact cost's."""
@@ -622,31 +616,11 @@ class SpendCounters:
         """Drop a reservation whose response never started."""
         return await self.adecide("release", caps, budget, remove=reserved_member, at=at)
 
-    def charge(self, session_id, amount_micro, budget, *, member=None, at=None, caps=None):
-        """Add ``amount_micro`` to the session, the rolling hour (and ``caps``) (sync)."""
-        caps = caps or self._legacy_caps(budget, session_id, at)
-        member = member or entry_member(amount_micro, uuid.uuid4().hex)
-        return self.decide("charge", caps, budget, amount=amount_micro, add=member, at=at)
-
     async def acharge(self, session_id, amount_micro, budget, *, member=None, at=None, caps=None):
         """Add ``amount_micro`` to the session, the rolling hour (and ``caps``)."""
         caps = caps or self._legacy_caps(budget, session_id, at)
         member = member or entry_member(amount_micro, uuid.uuid4().hex)
         return await self.adecide("charge", caps, budget, amount=amount_micro, add=member, at=at)
-
-    def evaluate(self, session_id, amount_micro, budget, *, member=None, at=None, mode="charge"):
-        """A charge, read or admission over the session and the rolling hour (sync)."""
-        if mode == "charge":
-            return self.charge(session_id, amount_micro, budget, member=member, at=at)
-        return self.decide(mode, self._legacy_caps(budget, session_id, at), budget, at=at)
-
-    async def aevaluate(
-        self, session_id, amount_micro, budget, *, member=None, at=None, mode="charge"
-    ):
-        """``evaluate()`` for async callers."""
-        if mode == "charge":
-            return await self.acharge(session_id, amount_micro, budget, member=member, at=at)
-        return await self.adecide(mode, self._legacy_caps(budget, session_id, at), budget, at=at)
 
     def read(self, budget, session_id=None):
         """Totals and breaker state without charging (sync)."""
@@ -663,12 +637,6 @@ class SpendCounters:
         cap = state.refused
         message = refusal_message(state.reason, retry, cap)
         return Admission(False, state.reason, retry, message, state)
-
-    def admit(self, budget, caps=None, *, room_micro=0):
-        """May a new session start: is there ``room_micro`` left under every cap (with 0:
-        anything at all)? (sync)"""
-        caps = caps or self._legacy_caps(budget, None, None)
-        return self._admission(self.decide("admit", caps, budget, amount=room_micro))
 
     async def aadmit(self, budget, caps=None, *, room_micro=0):
         """May a new session start? Refusals carry the cap's reason and retry_after."""

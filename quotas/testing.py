@@ -31,3 +31,40 @@ def reset_redis_links():
     limiter.reset_limiter()
     spend.reset_spend_counters()
     guards.reset_session_slots()
+
+
+# -- spend decisions in one call, for tests (the engine itself is async-first) -------------
+
+
+def charge(counters, session_id, amount_micro, budget, *, member=None, at=None, caps=None):
+    """Add ``amount_micro`` to the session, the rolling hour (and ``caps``), synchronously."""
+    import uuid
+
+    from .spend import entry_member
+
+    caps = caps or counters.default_caps(budget, session_id)
+    member = member or entry_member(amount_micro, uuid.uuid4().hex)
+    return counters.decide("charge", caps, budget, amount=amount_micro, add=member, at=at)
+
+
+def reserve(counters, caps, amount_micro, member, budget, *, at=None):
+    """Hold ``amount_micro`` against every cap of ``caps``, or refuse, synchronously."""
+    return counters.decide("reserve", caps, budget, amount=amount_micro, add=member, at=at)
+
+
+def settle(counters, caps, reserved_member, amount_micro, member, budget, *, at=None):
+    """Replace a reservation's entry by the exact cost's, synchronously."""
+    return counters.decide(
+        "settle", caps, budget, amount=amount_micro, add=member, remove=reserved_member, at=at
+    )
+
+
+def admit(counters, budget, caps=None, *, room_micro=0):
+    """May a new session start? (an ``Admission``, synchronously)."""
+    caps = caps or counters.default_caps(budget)
+    return counters.admission_of(counters.decide("admit", caps, budget, amount=room_micro))
+
+
+async def aread(counters, budget, session_id=None):
+    """The session's and the rolling hour's totals and the breaker, without charging."""
+    return await counters.adecide("read", counters.default_caps(budget, session_id), budget)

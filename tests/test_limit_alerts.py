@@ -6,11 +6,12 @@ from decimal import Decimal
 
 import pytest
 
-from quotas import alerts
+from quotas import alerts, testing
 from quotas.caps import Identity
 from quotas.policies import BudgetSpec, SpendLimitSpec
 from quotas.redis_client import SharedRedis
 from quotas.spend import SpendCounters, entry_member
+from quotas.testing import reserve, settle
 from tests.fixtures.ledger import quiet_events  # noqa: F401
 from tests.fixtures.webhook_receiver import webhook_receiver_fixture  # noqa: F401
 
@@ -68,8 +69,8 @@ def caps(counters, limits, client=CLIENT, session="s1", **who):
 
 
 def charge(counters, usd, limits, **who):
-    return counters.charge(
-        "s1", int(Decimal(usd) * USD), BUDGET, caps=caps(counters, limits, **who)
+    return testing.charge(
+        counters, "s1", int(Decimal(usd) * USD), BUDGET, caps=caps(counters, limits, **who)
     )
 
 
@@ -152,11 +153,11 @@ def test_a_calendar_limit_alerts_once_per_period(engine, alert_mail):
 def test_a_reservation_alone_does_not_alert_its_settlement_does(engine, alert_mail):
     counters = engine(Clock())
     mine = caps(counters, (CLIENT_HOUR,))
-    held = counters.reserve(mine, int(1.9 * USD), entry_member(1_900_000, "r1"), BUDGET)
+    held = reserve(counters, mine, int(1.9 * USD), entry_member(1_900_000, "r1"), BUDGET)
     assert held.allowed
     assert limit_mails(alert_mail) == []  # a worst case is not spend yet
-    counters.settle(
-        mine, entry_member(1_900_000, "r1"), 1_700_000, entry_member(1_700_000, 9), BUDGET
+    settle(
+        counters, mine, entry_member(1_900_000, "r1"), 1_700_000, entry_member(1_700_000, 9), BUDGET
     )
     assert [m.subject for m in limit_mails(alert_mail)] == [
         "[DUCK-E] Spend limit client-hour: a client at 85 % ($1.70 of $2.00)"
@@ -208,10 +209,10 @@ def test_a_shadow_limit_that_would_refuse_a_reservation_alerts(engine, alert_mai
     counters = engine(Clock())
     mine = caps(counters, (WATCH,))
     with caplog.at_level(logging.WARNING, logger="quotas.notifications"):
-        held = counters.reserve(mine, 500_000, entry_member(500_000, "r1"), BUDGET)
+        held = reserve(counters, mine, 500_000, entry_member(500_000, "r1"), BUDGET)
         assert held.allowed  # a shadow limit never refuses
-        counters.settle(
-            mine, entry_member(500_000, "r1"), 400_000, entry_member(400_000, 1), BUDGET
+        settle(
+            counters, mine, entry_member(500_000, "r1"), 400_000, entry_member(400_000, 1), BUDGET
         )
     assert len(limit_mails(alert_mail, "spend_limit_shadow_over")) == 1
     shadow_lines = [r for r in caplog.records if "shadow spend limit watch" in r.getMessage()]

@@ -16,6 +16,7 @@ from quotas.models import ModelPrice, QuotaSession, UsageRecord
 from quotas.policies import BudgetSpec
 from quotas.redis_client import SharedRedis
 from quotas.spend import BREAKER_EVENT, BREAKER_GROUP, SpendCounters
+from quotas.testing import aread
 
 T0 = 1_800_000_000.0
 PER_M = Decimal(1_000_000)
@@ -181,7 +182,7 @@ async def test_replayed_response_done_is_booked_once(make_meter):
     )
     assert sorted(o.booked for o in twins) == [False, True]
     assert await UsageRecord.objects.acount() == 2
-    hour = await make_meter.counters.aevaluate(None, 0, BudgetSpec(), mode="read")
+    hour = await aread(make_meter.counters, BudgetSpec(), None)
     session = await QuotaSession.objects.aget(pk=meter.session_id)
     assert hour.hour_usd == session.cost_usd  # the replay charged nothing either
 

@@ -25,6 +25,7 @@ from quotas.models import (
 from quotas.policies import BudgetSpec
 from quotas.redis_client import SharedRedis
 from quotas.spend import CLOSED, HALF_OPEN, OPEN, SpendCounters
+from quotas.testing import charge
 from tests.fixtures.ledger import make_session, make_usage, quiet_events  # noqa: F401
 
 T0 = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC, on a whole hour
@@ -171,7 +172,7 @@ def test_breaker_trip_records_an_event_and_sends_one_alert(
 ):
     clock = Clock()
     counters = engine_counters(clock)
-    state = counters.charge("s1", 11 * USD, BUDGET)
+    state = charge(counters, "s1", 11 * USD, BUDGET)
     assert state.tripped and state.breaker == OPEN
     events.flush()
     assert alerts.flush(5)
@@ -187,7 +188,7 @@ def test_breaker_trip_records_an_event_and_sends_one_alert(
     # Cool-down over: half-open; another charge re-trips within the same hour -> no new mail.
     clock.now += 601
     assert counters.read(BUDGET).breaker == HALF_OPEN
-    assert counters.charge("s1", 1 * USD, BUDGET).tripped
+    assert charge(counters, "s1", 1 * USD, BUDGET).tripped
     events.flush()
     alerts.flush(5)
     kinds = list(BreakerEvent.objects.order_by("at", "id").values_list("kind", flat=True))
@@ -201,7 +202,7 @@ def test_breaker_closing_by_itself_is_recorded_and_alerted(
 ):
     clock = Clock()
     counters = engine_counters(clock)
-    counters.charge("s1", 11 * USD, BUDGET)
+    charge(counters, "s1", 11 * USD, BUDGET)
     clock.now += 3601  # the hour's spend has expired and the cool-down is over
     assert counters.read(BUDGET).breaker == CLOSED
     events.flush()
@@ -215,12 +216,12 @@ def test_breaker_closing_by_itself_is_recorded_and_alerted(
 def test_hourly_alerts_once_each_per_hour(alert_mail, quiet_events):
     clock = Clock()
     counters = SpendCounters(None, timer=clock, ledger=False)
-    counters.charge("s1", 3 * USD, BUDGET)  # 60 %: nothing
-    counters.charge("s1", int(1.2 * USD), BUDGET)  # 84 %
-    counters.charge("s1", int(0.1 * USD), BUDGET)  # 86 %: already told
+    charge(counters, "s1", 3 * USD, BUDGET)  # 60 %: nothing
+    charge(counters, "s1", int(1.2 * USD), BUDGET)  # 84 %
+    charge(counters, "s1", int(0.1 * USD), BUDGET)  # 86 %: already told
     clock.now += 10
-    counters.charge("s1", 1 * USD, BUDGET)  # 106 %
-    counters.charge("s1", 1 * USD, BUDGET)  # 126 %: already told (and the breaker is far)
+    charge(counters, "s1", 1 * USD, BUDGET)  # 106 %
+    charge(counters, "s1", 1 * USD, BUDGET)  # 126 %: already told (and the breaker is far)
     alerts.flush(5)
     assert len(subjects(alert_mail, "80 %")) == 1
     assert len(subjects(alert_mail, "100 %")) == 1
@@ -233,7 +234,7 @@ def test_reset_action_records_who(admin_client, alert_mail, no_redis, quiet_even
     from quotas.spend import spend_counters
 
     budget = policy_cache.get().budget
-    spend_counters().charge("s1", int(budget.breaker_threshold_usd * USD), budget)
+    charge(spend_counters(), "s1", int(budget.breaker_threshold_usd * USD), budget)
     policy = BudgetPolicy.objects.get(active=True)
     response = admin_client.post(
         "/admin/quotas/budgetpolicy/",

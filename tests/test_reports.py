@@ -14,6 +14,7 @@ from django.core.management import CommandError, call_command
 
 from quotas.models import BreakerEvent, RateLimitViolation, ToolCallCount, UsageRecord
 from quotas.reports import REPORTS
+from quotas.testing import charge
 from tests.fixtures.ledger import at, make_session, make_usage, quiet_events  # noqa: F401
 
 pytestmark = pytest.mark.django_db
@@ -272,7 +273,7 @@ def test_budget_report_is_live(admin_client, db, no_redis, quiet_events):
     from quotas.spend import spend_counters
 
     budget = policy_cache.get().budget
-    spend_counters().charge("s1", 12_500_000, budget)  # $12.50 of a $50 hourly cap
+    charge(spend_counters(), "s1", 12_500_000, budget)  # $12.50 of a $50 hourly cap
     page = admin_client.get(f"{BASE}budget/")
     rows = {r[0]: r[1:] for r in parse(page).rows}
     assert rows["rolling hour spend (counters)"] == ["12.500000", ""]

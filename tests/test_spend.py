@@ -15,6 +15,7 @@ from quotas import spend as spend_module
 from quotas.policies import BudgetSpec
 from quotas.redis_client import SharedRedis
 from quotas.spend import CLOSED, HALF_OPEN, OPEN, SpendCounters
+from quotas.testing import admit, aread, charge
 from tests.fixtures.redis_server import spare_port
 
 T0 = 1_800_000_000.0
@@ -72,9 +73,9 @@ def make_counters(request):
 def test_rolling_hour_forgets_charges_exactly_after_3600_seconds(make_counters):
     clock = Clock()
     counters = make_counters(clock)
-    counters.charge("s1", 2 * USD, BUDGET)
+    charge(counters, "s1", 2 * USD, BUDGET)
     clock.now = T0 + 1800
-    counters.charge("s1", 1 * USD, BUDGET)
+    charge(counters, "s1", 1 * USD, BUDGET)
     clock.now = T0 + 3599.999
     assert counters.read(BUDGET).hour_micro == 3 * USD
     clock.now = T0 + 3600  # the first charge is exactly one hour old: out of (now-3600, now]
@@ -82,13 +83,13 @@ def test_rolling_hour_forgets_charges_exactly_after_3600_seconds(make_counters):
     clock.now = T0 + 1800 + 3600
     assert counters.read(BUDGET).hour_micro == 0
     # The session total is not a window: it keeps everything.
-    assert counters.charge("s1", 1, BUDGET).session_micro == 3 * USD + 1
+    assert charge(counters, "s1", 1, BUDGET).session_micro == 3 * USD + 1
 
 
 def test_same_entry_is_counted_once(make_counters):
     counters = make_counters(Clock())
-    first = counters.charge("s1", 500, BUDGET, member="500:row-1")
-    again = counters.charge("s1", 500, BUDGET, member="500:row-1")
+    first = charge(counters, "s1", 500, BUDGET, member="500:row-1")
+    again = charge(counters, "s1", 500, BUDGET, member="500:row-1")
     assert first.added and not again.added
     assert again.session_micro == 500 and again.hour_micro == 500
 
@@ -96,18 +97,18 @@ def test_same_entry_is_counted_once(make_counters):
 def test_breaker_state_machine(make_counters):
     clock = Clock()
     counters = make_counters(clock)
-    state = counters.charge("s1", 9 * USD, BUDGET)
+    state = charge(counters, "s1", 9 * USD, BUDGET)
     assert state.breaker == CLOSED and not state.tripped
-    state = counters.charge("s2", 1 * USD, BUDGET)  # reaches the $10 threshold
+    state = charge(counters, "s2", 1 * USD, BUDGET)  # reaches the $10 threshold
     assert state.breaker == OPEN and state.tripped
     assert state.breaker_until == T0 + 600
-    state = counters.charge("s2", 1 * USD, BUDGET)
+    state = charge(counters, "s2", 1 * USD, BUDGET)
     assert state.breaker == OPEN and not state.tripped  # tripped is reported once
     clock.now = T0 + 599
     assert counters.read(BUDGET).breaker == OPEN
     clock.now = T0 + 600  # cool-down over, hour still $11: half open, new sessions allowed
     assert counters.read(BUDGET).breaker == HALF_OPEN
-    state = counters.charge("s3", 1, BUDGET)  # still over the threshold: opens again
+    state = charge(counters, "s3", 1, BUDGET)  # still over the threshold: opens again
     assert state.breaker == OPEN and state.tripped and state.breaker_until == T0 + 1200
     clock.now = T0 + 1200
     assert counters.read(BUDGET).breaker == HALF_OPEN
@@ -118,28 +119,28 @@ def test_breaker_state_machine(make_counters):
 def test_manual_reset_closes_the_breaker(make_counters):
     clock = Clock()
     counters = make_counters(clock)
-    assert counters.charge("s1", 10 * USD, BUDGET).breaker == OPEN
+    assert charge(counters, "s1", 10 * USD, BUDGET).breaker == OPEN
     counters.reset_breaker()
     assert counters.read(BUDGET).breaker == CLOSED
     # Still over the threshold: the next charge opens it again.
-    assert counters.charge("s1", 1, BUDGET).tripped
+    assert charge(counters, "s1", 1, BUDGET).tripped
 
 
 def test_admission_refuses_over_hourly_cap_with_retry_after(make_counters):
     clock = Clock()
     counters = make_counters(clock)
-    assert counters.admit(BUDGET).allowed
-    counters.charge("s1", 3 * USD, BUDGET)
+    assert admit(counters, BUDGET).allowed
+    charge(counters, "s1", 3 * USD, BUDGET)
     clock.now = T0 + 1000
-    counters.charge("s2", 2 * USD, BUDGET)  # hour = $5 = the hourly cap
+    charge(counters, "s2", 2 * USD, BUDGET)  # hour = $5 = the hourly cap
     clock.now = T0 + 1200
-    admission = counters.admit(BUDGET)
+    admission = admit(counters, BUDGET)
     assert not admission.allowed and admission.reason == "hourly_cap"
     # Back under the cap when the first $3 leaves the window, at T0 + 3600.
     assert admission.retry_after == 2400
     assert admission.event()["type"] == "quota.exceeded"
     clock.now = T0 + 3600
-    assert counters.admit(BUDGET).allowed
+    assert admit(counters, BUDGET).allowed
 
 
 def test_admission_refuses_while_breaker_open(make_counters):
@@ -150,29 +151,29 @@ def test_admission_refuses_while_breaker_open(make_counters):
         breaker_threshold_usd=Decimal("10"),
         breaker_cooldown_seconds=600,
     )
-    counters.charge("s1", 10 * USD, budget)
+    charge(counters, "s1", 10 * USD, budget)
     clock.now = T0 + 100
-    admission = counters.admit(budget)
+    admission = admit(counters, budget)
     assert (admission.allowed, admission.reason, admission.retry_after) == (False, "breaker", 500)
     clock.now = T0 + 600
-    assert counters.admit(budget).allowed  # half open: the next session may start
+    assert admit(counters, budget).allowed  # half open: the next session may start
 
 
 def test_two_instances_share_session_hour_and_breaker(redis_url, redis_prefix):
     clock = Clock()
     a = SpendCounters(SharedRedis(redis_url), timer=clock, prefix=redis_prefix, ledger=False)
     b = SpendCounters(SharedRedis(redis_url), timer=clock, prefix=redis_prefix, ledger=False)
-    a.charge("s1", 4 * USD, BUDGET)
-    state = b.charge("s1", 1 * USD, BUDGET)
+    charge(a, "s1", 4 * USD, BUDGET)
+    state = charge(b, "s1", 1 * USD, BUDGET)
     assert state.session_micro == 5 * USD and state.hour_micro == 5 * USD
-    tripped = a.charge("s2", 5 * USD, BUDGET)
+    tripped = charge(a, "s2", 5 * USD, BUDGET)
     assert tripped.tripped and tripped.breaker == OPEN
-    seen = b.charge("s3", 1, BUDGET)
+    seen = charge(b, "s3", 1, BUDGET)
     assert seen.breaker == OPEN and not seen.tripped
     assert b.breaker_state(BUDGET) == OPEN
     clock.now = T0 + 600
     assert b.read(BUDGET).breaker == HALF_OPEN
-    assert a.admit(BUDGET).reason == "hourly_cap"  # half open, but the hour is over its cap
+    assert admit(a, BUDGET).reason == "hourly_cap"  # half open, but the hour is over its cap
 
 
 def test_concurrent_charges_from_two_instances_are_race_free(redis_url, redis_prefix):
@@ -190,11 +191,11 @@ def test_concurrent_charges_from_two_instances_are_race_free(redis_url, redis_pr
     )
     amount, count = 70_000, 64  # 64 x $0.07 = $4.48 on one session
 
-    def charge(i):
-        return instances[i % 2].charge("shared", amount, budget)
+    def one_charge(i):
+        return charge(instances[i % 2], "shared", amount, budget)
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        states = list(pool.map(charge, range(count)))
+        states = list(pool.map(one_charge, range(count)))
     # Atomic: every charge saw a distinct running total, none lost.
     assert sorted(s.session_micro for s in states) == [amount * k for k in range(1, count + 1)]
     assert sorted(s.hour_micro for s in states) == [amount * k for k in range(1, count + 1)]
@@ -225,7 +226,7 @@ async def test_concurrent_async_charges_from_two_instances(redis_url, redis_pref
     assert sorted(s.session_micro for s in states) == [amount * k for k in range(1, count + 1)]
     trips = [s for s in states if s.tripped]
     assert len(trips) == 1 and trips[0].hour_micro == 167 * amount
-    final = await a.aevaluate("s", 0, BUDGET, mode="read")
+    final = await aread(a, BUDGET, "s")
     assert final.session_micro == final.hour_micro == amount * count
 
 
@@ -236,7 +237,7 @@ def test_health_reports_the_breaker(use_redis, db):
 
     assert health.breaker_state() == CLOSED
     budget = policy_cache.get().budget
-    spend_counters().charge("s1", int(budget.breaker_threshold_usd * USD), budget)
+    charge(spend_counters(), "s1", int(budget.breaker_threshold_usd * USD), budget)
     assert health.breaker_state() == OPEN
     spend_counters().reset_breaker()
     assert health.breaker_state() == CLOSED
@@ -269,7 +270,7 @@ async def test_redis_outage_books_to_ledger_then_rebuilds_counters(redis_server,
 
     await meters[0].charge_response(response(0))
     await meters[1].charge_response(response(1))
-    assert (await counters.aevaluate(None, 0, BUDGET, mode="read")).engine == "redis"
+    assert (await aread(counters, BUDGET, None)).engine == "redis"
 
     redis_server.stop()
     clock.now += 10
@@ -278,7 +279,7 @@ async def test_redis_outage_books_to_ledger_then_rebuilds_counters(redis_server,
     during = await meters[1].charge_response(response(3))
     assert during.booked
     assert await UsageRecord.objects.acount() == 4  # nothing lost while Redis was down
-    local = await counters.aevaluate(None, 0, BUDGET, mode="read")
+    local = await aread(counters, BUDGET, None)
     assert local.engine == "local"
     # The twin was seeded from the ledger: it knows the charges made before the outage.
     ledger = await UsageRecord.objects.aaggregate(total=Sum("cost_usd"))
@@ -287,7 +288,7 @@ async def test_redis_outage_books_to_ledger_then_rebuilds_counters(redis_server,
     redis_server.start()  # comes back empty: no persistence
     clock.now += 10
     for _ in range(3):  # the first call may meet a stale pooled connection
-        if (await counters.aevaluate(None, 0, BUDGET, mode="read")).engine == "redis":
+        if (await aread(counters, BUDGET, None)).engine == "redis":
             break
     await meters[0].charge_response(response(4))
     await counters.wait_rebuilt()
@@ -323,7 +324,7 @@ async def test_unreachable_redis_still_books_and_counts(settings):
     outcome = await meter.charge_response({"response": {"id": "r1", "usage": usage}})
     assert outcome.booked and outcome.cost == Decimal("0.300000")
     assert (await UsageRecord.objects.aget()).cost_usd == Decimal("0.300000")
-    state = await counters.aevaluate(meter.session_id, 0, BUDGET, mode="read")
+    state = await aread(counters, BUDGET, meter.session_id)
     assert state.engine == "local" and state.hour_usd == Decimal("0.300000")
     await meter.close("client_closed")  # (also releases the worker thread's DB connection)
 
@@ -334,7 +335,7 @@ def test_reset_breaker_admin_action(admin_client, use_redis, db):
     from quotas.spend import spend_counters
 
     budget = policy_cache.get().budget
-    spend_counters().charge("s1", int(budget.breaker_threshold_usd * USD), budget)
+    charge(spend_counters(), "s1", int(budget.breaker_threshold_usd * USD), budget)
     assert spend_counters().breaker_state() == OPEN
     policy = BudgetPolicy.objects.get(active=True)
     response = admin_client.post(
@@ -352,17 +353,17 @@ def test_async_read_sees_the_breaker(redis_url, redis_prefix):
     clock = Clock()
     counters = SpendCounters(SharedRedis(redis_url), timer=clock, prefix=redis_prefix, ledger=False)
     async_to_sync(counters.acharge)("s", 10 * USD, BUDGET)
-    assert async_to_sync(counters.aevaluate)(None, 0, BUDGET, mode="read").breaker == OPEN
+    assert async_to_sync(aread)(counters, BUDGET, None).breaker == OPEN
 
 
 @pytest.mark.parametrize(("mode", "allowed"), [("local", True), ("open", True), ("closed", False)])
 def test_admission_per_fail_mode_while_redis_is_down(mode, allowed):
     link = SharedRedis(f"redis://127.0.0.1:{spare_port()}/0", timeout=0.2, retry_seconds=30)
     counters = SpendCounters(link, timer=Clock(), fail_mode=mode, ledger=False)
-    admission = counters.admit(BUDGET)
+    admission = admit(counters, BUDGET)
     assert admission.allowed is allowed
     assert admission.state.engine == "local"
     if not allowed:
         assert admission.reason == "breaker" and admission.retry_after == 30
     # Charges are counted in process whatever the mode: money is never ignored.
-    assert counters.charge("s", 5, BUDGET).session_micro == 5
+    assert charge(counters, "s", 5, BUDGET).session_micro == 5

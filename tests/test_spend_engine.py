@@ -14,6 +14,7 @@ from quotas.caps import Identity, applicable_limits, period_bounds
 from quotas.policies import BudgetSpec, SpendLimitSpec
 from quotas.redis_client import SharedRedis
 from quotas.spend import CLOSED, OPEN, SpendCounters, entry_member
+from quotas.testing import admit, charge, reserve, settle
 
 T0 = 1_800_000_000.0  # 2027-01-15 08:00 UTC, a Friday
 USD = 1_000_000
@@ -76,40 +77,40 @@ def test_a_reservation_counts_against_every_cap_until_settled(engine, settings):
     budget = BudgetSpec(session_cap_usd=Decimal("5"), hourly_cap_usd=Decimal("50"))
     counters = engine(Clock())
     mine = caps(counters, budget=budget)
-    held = counters.reserve(mine, 8 * USD // 10, entry_member(800_000, "r1"), budget)
+    held = reserve(counters, mine, 8 * USD // 10, entry_member(800_000, "r1"), budget)
     assert held.allowed
     # session, client-hour, client-day, the rolling hour
     assert [total for _, total in held.totals] == [800_000] * 4
     # Another session of the same client meets the client's hold.
     other = caps(counters, session="s2", budget=budget)
-    refused = counters.reserve(other, 13 * USD // 10, entry_member(1_300_000, "r2"), budget)
+    refused = reserve(counters, other, 13 * USD // 10, entry_member(1_300_000, "r2"), budget)
     assert not refused.allowed and refused.reason == "client_budget"
     assert refused.refused.name == "client-hour"
     assert refused.retry_seconds == pytest.approx(3600)  # when the hold leaves the window
     # Settled at less than the hold: the difference is free again.
-    settled = counters.settle(
-        mine, entry_member(800_000, "r1"), 300_000, entry_member(300_000, 41), budget
+    settled = settle(
+        counters, mine, entry_member(800_000, "r1"), 300_000, entry_member(300_000, 41), budget
     )
     assert [total for _, total in settled.totals] == [300_000] * 4
-    assert counters.reserve(other, 13 * USD // 10, entry_member(1_300_000, "r2"), budget).allowed
+    assert reserve(counters, other, 13 * USD // 10, entry_member(1_300_000, "r2"), budget).allowed
 
 
 def test_a_refused_reservation_holds_nothing(engine):
     counters = engine(Clock())
     mine = caps(counters, limits=())
-    assert not counters.reserve(mine, 2 * USD, entry_member(2 * USD, "big"), BUDGET).allowed
+    assert not reserve(counters, mine, 2 * USD, entry_member(2 * USD, "big"), BUDGET).allowed
     assert counters.decide("read", mine, BUDGET).hour_micro == 0
-    refused = counters.reserve(mine, 2 * USD, entry_member(2 * USD, "big"), BUDGET)
+    refused = reserve(counters, mine, 2 * USD, entry_member(2 * USD, "big"), BUDGET)
     assert refused.reason == "budget" and refused.retry_seconds == 0  # waiting never helps
 
 
 def test_settling_twice_counts_once(engine):
     counters = engine(Clock())
     mine = caps(counters, limits=())
-    counters.reserve(mine, 500_000, entry_member(500_000, "r"), BUDGET)
+    reserve(counters, mine, 500_000, entry_member(500_000, "r"), BUDGET)
     for _ in range(2):
-        state = counters.settle(
-            mine, entry_member(500_000, "r"), 200_000, entry_member(200_000, 7), BUDGET
+        state = settle(
+            counters, mine, entry_member(500_000, "r"), 200_000, entry_member(200_000, 7), BUDGET
         )
     assert state.session_micro == state.hour_micro == 200_000
 
@@ -119,7 +120,7 @@ def test_release_gives_the_hold_back(engine):
 
     counters = engine(Clock())
     mine = caps(counters, limits=())
-    counters.reserve(mine, 900_000, entry_member(900_000, "r"), BUDGET)
+    reserve(counters, mine, 900_000, entry_member(900_000, "r"), BUDGET)
     state = async_to_sync(counters.arelease)(mine, entry_member(900_000, "r"), BUDGET)
     assert state.session_micro == state.hour_micro == 0
 
@@ -133,11 +134,11 @@ def test_reservations_do_not_trip_the_breaker_settlements_do(engine):
     )
     counters = engine(Clock())
     mine = counters.caps_for(budget, Identity("10.0.0.9"), session_id="s")
-    held = counters.reserve(mine, 2 * USD, entry_member(2 * USD, "r"), budget)
+    held = reserve(counters, mine, 2 * USD, entry_member(2 * USD, "r"), budget)
     assert held.allowed and held.breaker == CLOSED
-    settled = counters.settle(mine, entry_member(2 * USD, "r"), USD, entry_member(USD, 1), budget)
+    settled = settle(counters, mine, entry_member(2 * USD, "r"), USD, entry_member(USD, 1), budget)
     assert settled.tripped and settled.breaker == OPEN
-    refused = counters.reserve(mine, 1, entry_member(1, "r2"), budget)
+    refused = reserve(counters, mine, 1, entry_member(1, "r2"), budget)
     assert refused.reason == "breaker" and refused.retry_seconds == pytest.approx(600)
 
 
@@ -146,24 +147,24 @@ def test_admission_refuses_a_spent_client_with_retry_after(engine, settings):
     clock = Clock()
     counters = engine(clock)
     mine = caps(counters, session="s1")
-    counters.charge("s1", USD, BUDGET, member=entry_member(USD, 1), caps=mine)
+    charge(counters, "s1", USD, BUDGET, member=entry_member(USD, 1), caps=mine)
     clock.now += 600
-    counters.charge("s1", USD, BUDGET, member=entry_member(USD, 2), caps=mine)
+    charge(counters, "s1", USD, BUDGET, member=entry_member(USD, 2), caps=mine)
     door = caps(counters, session=None)
-    admission = counters.admit(BUDGET, door)
+    admission = admit(counters, BUDGET, door)
     assert not admission.allowed and admission.reason == "client_budget"
     assert admission.retry_after == 3000  # the first dollar leaves the hour
     assert "spending limit" in admission.message
-    assert counters.admit(BUDGET, caps(counters, client="10.0.0.2", session=None)).allowed
+    assert admit(counters, BUDGET, caps(counters, client="10.0.0.2", session=None)).allowed
     clock.now += 3001
-    assert counters.admit(BUDGET, door).allowed
+    assert admit(counters, BUDGET, door).allowed
 
 
 def test_a_shadow_limit_counts_but_never_refuses(engine):
     shadow = SpendLimitSpec("watch", "client", Decimal("0.10"), "rolling", 60, shadow=True)
     counters = engine(Clock())
     mine = caps(counters, limits=(shadow,))
-    state = counters.reserve(mine, 500_000, entry_member(500_000, "r"), BUDGET)
+    state = reserve(counters, mine, 500_000, entry_member(500_000, "r"), BUDGET)
     assert state.allowed and [cap.name for cap in state.over] == ["watch"]
 
 
@@ -219,13 +220,13 @@ def test_a_calendar_limit_resets_exactly_at_local_midnight(engine, settings):
     counters = engine(clock)
     day_only = (CLIENT_DAY,)
     spent = caps(counters, limits=day_only, session=None)
-    counters.charge(None, 3 * USD, BUDGET, member=entry_member(3 * USD, 1), caps=spent)
-    admission = counters.admit(BUDGET, caps(counters, limits=day_only, session=None))
+    charge(counters, None, 3 * USD, BUDGET, member=entry_member(3 * USD, 1), caps=spent)
+    admission = admit(counters, BUDGET, caps(counters, limits=day_only, session=None))
     assert admission.reason == "client_budget" and admission.retry_after == 10
     clock.now = midnight - 0.001
-    assert not counters.admit(BUDGET, caps(counters, limits=day_only, session=None)).allowed
+    assert not admit(counters, BUDGET, caps(counters, limits=day_only, session=None)).allowed
     clock.now = midnight
-    assert counters.admit(BUDGET, caps(counters, limits=day_only, session=None)).allowed
+    assert admit(counters, BUDGET, caps(counters, limits=day_only, session=None)).allowed
 
 
 # -- the Redis script and its twin agree -------------------------------------------------------
@@ -286,19 +287,24 @@ def test_redis_script_and_twin_decide_alike(operations, redis_url, settings):
                     BUDGET, Identity(client), limits=limits, session_id=session
                 )
                 if op == "reserve":
-                    state = counters.reserve(
-                        mine, amount, entry_member(amount, f"r{serial}"), BUDGET
+                    state = reserve(
+                        counters, mine, amount, entry_member(amount, f"r{serial}"), BUDGET
                     )
                 elif op == "settle" and holds.get(session):
                     held = holds[session]
-                    state = counters.settle(
-                        mine, held, amount // 2, entry_member(amount // 2, serial), BUDGET
+                    state = settle(
+                        counters, mine, held, amount // 2, entry_member(amount // 2, serial), BUDGET
                     )
                 elif op == "release" and holds.get(session):
                     state = counters.decide("release", mine, BUDGET, remove=holds[session])
                 elif op == "charge":
-                    state = counters.charge(
-                        session, amount, BUDGET, member=entry_member(amount, serial), caps=mine
+                    state = charge(
+                        counters,
+                        session,
+                        amount,
+                        BUDGET,
+                        member=entry_member(amount, serial),
+                        caps=mine,
                     )
                 elif op == "admit":
                     door = counters.caps_for(BUDGET, Identity(client), limits=limits)
