@@ -37,13 +37,13 @@ from ducke.realtime import client_events
 from ducke.realtime.persona import TRANSCRIPTION_MODEL, session_update
 from ducke.realtime.upstream import open_upstream
 from ducke.tools import TOOL_SCHEMAS, run_tool
+from quotas.breaker import BREAKER_GROUP
 from quotas.caps import Identity
 from quotas.conf import quota_settings
 from quotas.guards import scope_client_ip, session_slots
 from quotas.meter import SessionMeter
 from quotas.policies import policy_cache
 from quotas.protocol import CLOSE_PAUSED, close_code_for, exceeded_event, refusal_message
-from quotas.spend import BREAKER_GROUP
 
 logger = logging.getLogger("ducke.session")
 

@@ -32,6 +32,7 @@ from channels.db import database_sync_to_async
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Sum
 
+from .breaker import broadcast_breaker_open
 from .caps import SESSION, Identity
 from .defaults import TOKEN_KINDS
 from .metrics import (
@@ -68,7 +69,7 @@ from .protocol import (
     format_usd,
     warning_event,
 )
-from .spend import Admission, broadcast_breaker_open, entry_member, spend_counters
+from .spend import Admission, entry_member, spend_counters
 from .text_tokens import text_token_bound
 
 logger = logging.getLogger("quotas.meter")

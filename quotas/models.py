@@ -14,9 +14,10 @@ from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from .defaults import TOKEN_KINDS
+from .defaults import DEFAULT_BUDGET, TOKEN_KINDS
+from .pricing import USD_QUANTUM
 
-USD = Decimal("0.000001")  # quantum of money in the ledger and in prices
+USD = USD_QUANTUM  # quantum of money in the ledger and in prices (quotas.pricing)
 _PATH_TARGET = re.compile(r"^(\*|/[^\s*]*\*?)$")
 _URL_NAME = re.compile(r"^[A-Za-z_][\w.-]*(:[A-Za-z_][\w.-]*)*$")
 _TOOL_TARGET = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -157,28 +158,35 @@ class BudgetPolicy(models.Model):
     name = models.CharField(max_length=64, default="default")
     active = models.BooleanField(default=True)
     session_cap_usd = models.DecimalField(
-        max_digits=12, decimal_places=6, default=Decimal("5.00"), validators=[MinValueValidator(0)]
+        max_digits=12,
+        decimal_places=6,
+        default=DEFAULT_BUDGET["session_cap_usd"],
+        validators=[MinValueValidator(0)],
     )
     session_max_seconds = models.PositiveIntegerField(
-        default=1800, validators=[MinValueValidator(1)]
+        default=DEFAULT_BUDGET["session_max_seconds"], validators=[MinValueValidator(1)]
     )
     hourly_cap_usd = models.DecimalField(
-        max_digits=12, decimal_places=6, default=Decimal("50.00"), validators=[MinValueValidator(0)]
+        max_digits=12,
+        decimal_places=6,
+        default=DEFAULT_BUDGET["hourly_cap_usd"],
+        validators=[MinValueValidator(0)],
     )
     breaker_threshold_usd = models.DecimalField(
         max_digits=12,
         decimal_places=6,
-        default=Decimal("100.00"),
+        default=DEFAULT_BUDGET["breaker_threshold_usd"],
         validators=[MinValueValidator(0)],
     )
     breaker_cooldown_seconds = models.PositiveIntegerField(
-        default=3600, validators=[MinValueValidator(1)]
+        default=DEFAULT_BUDGET["breaker_cooldown_seconds"], validators=[MinValueValidator(1)]
     )
     max_concurrent_sessions_per_client = models.PositiveIntegerField(
-        default=2, validators=[MinValueValidator(1)]
+        default=DEFAULT_BUDGET["max_concurrent_sessions_per_client"],
+        validators=[MinValueValidator(1)],
     )
     max_output_tokens_per_response = models.PositiveIntegerField(
-        default=1000,
+        default=DEFAULT_BUDGET["max_output_tokens_per_response"],
         validators=[MinValueValidator(1), MaxValueValidator(4096)],
         help_text="Sent upstream as max_output_tokens: bounds each response's output, so its "
         "worst-case cost is known before it starts (1-4096).",
@@ -348,8 +356,9 @@ class PolicyVersion(models.Model):
         return f"policy version {self.version}"
 
 
-class TokenCounts(models.Model):
-    """Tokens by billing kind (``TOKEN_KINDS``), shared by the ledger's sessions and records."""
+class TokenColumns(models.Model):
+    """Token columns by billing kind (``TOKEN_KINDS``) of the ledger's sessions and records;
+    ``quotas.pricing.TokenCounts`` is the in-memory value they store."""
 
     text_input = models.BigIntegerField(default=0)
     cached_text_input = models.BigIntegerField(default=0)
@@ -362,7 +371,7 @@ class TokenCounts(models.Model):
         abstract = True
 
 
-class QuotaSession(TokenCounts):
+class QuotaSession(TokenColumns):
     """One WebSocket session's ledger header: who, which model, when, why it ended, what it cost.
 
     Token totals are by billing kind, like ``UsageRecord``: ``text_input`` excludes the cached
@@ -414,7 +423,7 @@ class QuotaSession(TokenCounts):
         return f"session {self.id} ({self.client}, {self.model})"
 
 
-class UsageRecord(TokenCounts):
+class UsageRecord(TokenColumns):
     """One billed usage event (a response, a transcription or a tool call), booked once."""
 
     class Kind(models.TextChoices):

@@ -41,7 +41,8 @@ from .pricing import from_micro
 
 logger = logging.getLogger("quotas.notifications")
 
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+from .breaker import CLOSED, HALF_OPEN, OPEN  # noqa: E402
+
 HOURLY_THRESHOLDS = ((Decimal("1.00"), "hourly_100"), (Decimal("0.80"), "hourly_80"))
 LIMIT_ALERT = "spend_limit_alert"
 SHADOW_OVER = "spend_limit_shadow_over"

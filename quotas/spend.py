@@ -55,21 +55,26 @@ from datetime import timedelta
 
 from channels.db import database_sync_to_async
 
+from .breaker import (  # noqa: F401 (the breaker's names, re-exported for callers)
+    BREAKER_EVENT,
+    BREAKER_GROUP,
+    CLOSED,
+    HALF_OPEN,
+    OPEN,
+    broadcast_breaker_open,
+)
 from .caps import HOUR_SECONDS, HOURLY, SESSION, CapSet, Identity, hourly_cap, session_cap
 from .caps import spend_caps as build_caps
 from .conf import quota_settings
 from .metrics import circuit_breaker_open, hourly_cost_usd
 from .notifications import spend_notifier
 from .pricing import MICRO_PER_USD, from_micro, timestamp_to_datetime, to_micro
-from .protocol import breaker_message, refusal_message
+from .protocol import refusal_message
 from .redis_client import LuaScript, fallback_mode, shared_redis
 
 logger = logging.getLogger("quotas.spend")
 
 WINDOW_SECONDS = HOUR_SECONDS
-BREAKER_GROUP = "quotas.breaker"
-BREAKER_EVENT = "quotas.breaker_open"
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 REPLAY_BATCH = 1000
 OPS = ("read", "admit", "reserve", "charge", "settle", "release")
 SPEND = LuaScript("spend")
@@ -785,25 +790,3 @@ def reset_spend_counters():
     """Forget the process-wide counters (tests: a fresh engine for new settings)."""
     with _counters_lock:
         _counters.clear()
-
-
-async def broadcast_breaker_open(state, now):
-    """Tell every instance's sessions (group ``quotas.breaker``) that the breaker opened."""
-    from channels.layers import get_channel_layer
-
-    layer = get_channel_layer()
-    if layer is None:
-        return False
-    retry = state.breaker_retry_seconds(now)
-    message = {
-        "type": BREAKER_EVENT,
-        "hourly_cost_usd": str(state.hour_usd),
-        "retry_after": retry,
-        "message": breaker_message(retry),
-    }
-    try:
-        await layer.group_send(BREAKER_GROUP, message)
-    except Exception:  # a channel layer outage must not break the charge that tripped it
-        logger.exception("could not broadcast the breaker opening")
-        return False
-    return True
