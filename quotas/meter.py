@@ -9,6 +9,8 @@ the session (``quotas.caps``) in one decision; refused, nothing starts. The hold
 written to the ledger as a provisional ``UsageRecord`` (``estimated``), which
 ``response.done`` replaces in place by the exact usage while the counters swap the hold for
 the exact cost. A crash between the two leaves the estimate booked: never less than spent.
+On PostgreSQL each ledger write (a hold, its settlement, a plain booking) is one statement
+and one commit.
 
 Other usage (transcriptions, tools, a response without a hold) is booked plainly: insert the
 ``UsageRecord`` (unique per session and response id: the idempotency key) and update the
@@ -137,9 +139,12 @@ def _add_to_session_totals(session_id, cost, tokens):
 
 _UPDATE_SQL = {}
 _BOOK_SQL = {}
+_SETTLE_SQL = {}
 
 
-def _book_in_one_statement(session_id, kind, model, reference, tokens, cost, unknown, when):
+def _book_in_one_statement(
+    session_id, kind, model, reference, tokens, cost, unknown, when, *, estimated=False
+):
     """PostgreSQL: insert the record and add it to the session in ONE atomic statement.
 
     ``ON CONFLICT DO NOTHING`` on the (session, response id) constraint makes a replay a
@@ -176,12 +181,50 @@ def _book_in_one_statement(session_id, kind, model, reference, tokens, cost, unk
         )
     session_uuid = uuid.UUID(str(session_id))
     counts = [tokens[kind_] for kind_ in TOKEN_KINDS]
-    params = [session_uuid, kind, model, reference, *counts, cost, unknown, False, when]
+    params = [session_uuid, kind, model, reference, *counts, cost, unknown, estimated, when]
     params += [cost, *counts, session_uuid]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
     return row[0] if row else None
+
+
+def _settle_in_one_statement(record_id, session_id, reference, tokens, cost, unknown, when, delta):
+    """PostgreSQL: replace a provisional record by the exact usage and correct the session's
+    totals by ``delta`` (cost first, then ``TOKEN_KINDS``) in ONE atomic statement.
+
+    The record changes only while it is still provisional, and the session only when the
+    record did, so a replayed settlement changes nothing; one round trip and one commit
+    instead of four. Returns whether the record was settled.
+    """
+    from .models import QuotaSession, UsageRecord
+
+    sql = _SETTLE_SQL.get("postgresql")
+    if sql is None:
+        quote = connection.ops.quote_name
+        record_columns = (
+            "response_id",
+            "cost_usd",
+            "unknown_model",
+            "estimated",
+            "created_at",
+            *TOKEN_KINDS,
+        )
+        session_columns = ("cost_usd", *TOKEN_KINDS)
+        sql = _SETTLE_SQL["postgresql"] = (
+            f"WITH rec AS (UPDATE {quote(UsageRecord._meta.db_table)} SET "
+            + ", ".join(f"{quote(c)} = %s" for c in record_columns)
+            + f" WHERE {quote('id')} = %s AND {quote('estimated')} RETURNING {quote('id')}), "
+            f"upd AS (UPDATE {quote(QuotaSession._meta.db_table)} SET "
+            + ", ".join(f"{quote(c)} = {quote(c)} + %s" for c in session_columns)
+            + f" WHERE {quote('id')} = %s AND EXISTS (SELECT 1 FROM rec) RETURNING 1) "
+            f"SELECT {quote('id')} FROM rec"
+        )
+    params = [reference, cost, unknown, False, when, *(tokens[kind] for kind in TOKEN_KINDS)]
+    params += [record_id, *delta, uuid.UUID(str(session_id))]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone() is not None
 
 
 @dataclass(frozen=True)
@@ -504,6 +547,22 @@ class SessionMeter:
         from .models import UsageRecord
 
         tokens = reservation.counts.as_dict()
+        when = timestamp_to_datetime(at)
+        if connection.vendor == "postgresql":
+            record_id = _book_in_one_statement(
+                self.session_id,
+                UsageRecord.Kind.RESPONSE.value,
+                self.model[:100],
+                reservation.reference,
+                tokens,
+                reservation.cost,
+                self._rates.unknown,
+                when,
+                estimated=True,
+            )
+            if record_id is None:  # as the INSERT below would: a hold's reference is unique
+                raise IntegrityError(f"usage record {reservation.reference!r} exists already")
+            return record_id
         with transaction.atomic():
             record = UsageRecord.objects.create(
                 session_id=self.session_id,
@@ -513,7 +572,7 @@ class SessionMeter:
                 cost_usd=reservation.cost,
                 unknown_model=self._rates.unknown,
                 estimated=True,
-                created_at=timestamp_to_datetime(at),
+                created_at=when,
                 **tokens,
             )
             _add_to_session_totals(self.session_id, reservation.cost, tokens)
@@ -544,18 +603,32 @@ class SessionMeter:
         self._rates = rates
         tokens = counts.as_dict()
         estimate = reservation.counts.as_dict()
-        with transaction.atomic():
-            updated = UsageRecord.objects.filter(pk=reservation.record_id, estimated=True).update(
-                response_id=reference,
-                cost_usd=cost,
-                unknown_model=rates.unknown,
-                estimated=False,
-                created_at=when,
-                **tokens,
+        delta = {kind: tokens[kind] - estimate[kind] for kind in TOKEN_KINDS}
+        if connection.vendor == "postgresql":
+            updated = _settle_in_one_statement(
+                reservation.record_id,
+                self.session_id,
+                reference,
+                tokens,
+                cost,
+                rates.unknown,
+                when,
+                [cost - reservation.cost, *delta.values()],
             )
-            if updated:
-                delta = {kind: tokens[kind] - estimate[kind] for kind in TOKEN_KINDS}
-                _add_to_session_totals(self.session_id, cost - reservation.cost, delta)
+        else:
+            with transaction.atomic():
+                updated = UsageRecord.objects.filter(
+                    pk=reservation.record_id, estimated=True
+                ).update(
+                    response_id=reference,
+                    cost_usd=cost,
+                    unknown_model=rates.unknown,
+                    estimated=False,
+                    created_at=when,
+                    **tokens,
+                )
+                if updated:
+                    _add_to_session_totals(self.session_id, cost - reservation.cost, delta)
         if not updated:
             return None
         return _Booking(reservation.record_id, cost, counts, rates)

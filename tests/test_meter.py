@@ -14,6 +14,7 @@ from quotas.meter import SessionMeter, admit_new_session, format_usd
 from quotas.metrics import active_sessions_total, api_cost_total_usd, budget_exceeded_total
 from quotas.models import ModelPrice, QuotaSession, UsageRecord
 from quotas.policies import BudgetSpec
+from quotas.pricing import timestamp_to_datetime, usage_token_counts
 from quotas.redis_client import SharedRedis
 from quotas.spend import BREAKER_EVENT, BREAKER_GROUP, SpendCounters
 from quotas.testing import aread
@@ -185,6 +186,53 @@ async def test_replayed_response_done_is_booked_once(make_meter):
     hour = await aread(make_meter.counters, BudgetSpec(), None)
     session = await QuotaSession.objects.aget(pk=meter.session_id)
     assert hour.hour_usd == session.cost_usd  # the replay charged nothing either
+
+
+def _tokens(row):
+    return {kind: getattr(row, kind) for kind in TOKEN_KINDS}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("close_worker_connections")
+async def test_a_settlement_replaces_its_provisional_record_in_place_once(make_meter, clock):
+    meter = await make_meter(BudgetSpec())
+    meter.note_input_text("What does a settlement write?")
+    assert (await meter.reserve_response()).allowed
+    hold = meter.reservation
+    provisional = await UsageRecord.objects.aget(pk=hold.record_id)
+    assert provisional.estimated and provisional.kind == "response"
+    assert provisional.response_id == hold.reference and provisional.cost_usd == hold.cost
+    assert _tokens(provisional) == hold.counts.as_dict()
+    assert provisional.created_at == timestamp_to_datetime(T0)
+    session = await QuotaSession.objects.aget(pk=meter.session_id)
+    assert session.cost_usd == hold.cost and _tokens(session) == _tokens(provisional)
+    clock.now = T0 + 5
+    # 120 audio tokens in x $100/1M + 60 out x $200/1M = $0.024
+    settled = await meter.charge_response(done("resp_1", audio_usage(120, 60)))
+    assert settled.booked and settled.cost == Decimal("0.024")
+    (record,) = [row async for row in UsageRecord.objects.all()]
+    assert record.pk == hold.record_id and not record.estimated and not record.unknown_model
+    assert record.response_id == "resp_1" and record.cost_usd == Decimal("0.024")
+    assert _tokens(record) == {
+        **dict.fromkeys(TOKEN_KINDS, 0),
+        "audio_input": 120,
+        "audio_output": 60,
+    }
+    assert record.created_at == timestamp_to_datetime(T0 + 5)
+    session = await QuotaSession.objects.aget(pk=meter.session_id)
+    assert session.cost_usd == Decimal("0.024") and _tokens(session) == _tokens(record)
+    # The same settlement again, and the same response.done again: nothing changes.
+    rows = [row async for row in UsageRecord.objects.values()]
+    again = await meter._settle_provisional(
+        hold, "resp_1", lambda rates: usage_token_counts(audio_usage(999, 999), rates), T0 + 9
+    )
+    replay = await meter.charge_response(done("resp_1", audio_usage(120, 60)))
+    assert again is None and not replay.booked
+    assert [row async for row in UsageRecord.objects.values()] == rows
+    unchanged = await QuotaSession.objects.aget(pk=meter.session_id)
+    assert unchanged.cost_usd == Decimal("0.024") and _tokens(unchanged) == _tokens(record)
+    hour = await make_meter.counters.aevaluate(None, 0, BudgetSpec(), mode="read")
+    assert hour.hour_usd == Decimal("0.024")  # the hold was replaced, the replay added nothing
 
 
 @pytest.mark.django_db(transaction=True)
