@@ -29,7 +29,8 @@ from quotas.meter import SessionMeter
 from quotas.models import ModelPrice, QuotaSession, UsageRecord
 from quotas.policies import BudgetSpec, SpendLimitSpec
 from quotas.redis_client import SharedRedis
-from quotas.spend import SpendCounters, entry_member
+from quotas.spend import SpendCounters
+from quotas.testing import admit, charge, entry_member, reserve, settle
 
 pytestmark = pytest.mark.benchmark
 
@@ -146,19 +147,19 @@ def test_bench_charge_decisions(redis_url, redis_prefix, bench_report):
     floor = ping["p50_ms"] / 1000
 
     counters = SpendCounters(link, prefix=redis_prefix, ledger=False)
-    counters.charge("warm", 1, BUDGET)
+    charge(counters, "warm", 1, BUDGET)
     sessions = [f"s{i}" for i in range(50)]
     index = iter(range(10**9))
 
     def redis_charge():
-        counters.charge(sessions[next(index) % 50], 1_234, BUDGET)
+        charge(counters, sessions[next(index) % 50], 1_234, BUDGET)
 
     redis_row = _row(
         "charge decision, Redis Lua (sync)", _timed(redis_charge, DECISIONS), None, floor
     )
     admit_row = _row(
         "admission check, Redis Lua (sync)",
-        _timed(lambda: counters.admit(BUDGET), 1_000),
+        _timed(lambda: admit(counters, BUDGET), 1_000),
         None,
         floor,
     )
@@ -182,7 +183,7 @@ def test_bench_charge_decisions(redis_url, redis_prefix, bench_report):
     local = SpendCounters(None, ledger=False)
 
     def local_charge():
-        local.charge(sessions[next(index) % 50], 1_234, BUDGET)
+        charge(local, sessions[next(index) % 50], 1_234, BUDGET)
 
     local_row = _row(
         "charge decision, in process", _timed(local_charge, LOCAL_DECISIONS), None, floor
@@ -242,7 +243,7 @@ def _insert_floor(count):
 def test_bench_ledger_bookings(engine, conn, request, no_redis, bench_report):
     """``database_sync_to_async`` closes connections older than CONN_MAX_AGE after each call:
     with 0 (the project default) every booking opens a new database connection."""
-    spend_module._counters.clear()
+    spend_module.reset_spend_counters()
     load_price_sheet(ModelPrice, "default", SHEET_EPOCH)
     vendor = connection.vendor
     if engine == "Redis counters":
@@ -361,7 +362,7 @@ def test_bench_reservations(redis_url, redis_prefix, bench_report):
     def charge_round():
         samples, states = _timed_each(
             [
-                lambda i=i: counters.charge(sessions[i % 50], EXACT_MICRO, BUDGET)
+                lambda i=i: charge(counters, sessions[i % 50], EXACT_MICRO, BUDGET)
                 for i in range(ROUND)
             ]
         )
@@ -374,13 +375,13 @@ def test_bench_reservations(redis_url, redis_prefix, bench_report):
             for i in range(ROUND)
         ]
         reserved, states = _timed_each(
-            [lambda c=c, m=m: engine.reserve(c, HOLD_MICRO, m, BUDGET) for c, m in holds]
+            [lambda c=c, m=m: reserve(engine, c, HOLD_MICRO, m, BUDGET) for c, m in holds]
         )
         problems.extend(("reserve", s) for s in states if not (s.allowed and s.added))
         exact = [entry_member(EXACT_MICRO, next(entry_ids)) for _ in holds]
         settled, states = _timed_each(
             [
-                lambda c=c, m=m, e=e: engine.settle(c, m, EXACT_MICRO, e, BUDGET)
+                lambda c=c, m=m, e=e: settle(engine, c, m, EXACT_MICRO, e, BUDGET)
                 for (c, m), e in zip(holds, exact, strict=True)
             ]
         )
@@ -389,7 +390,7 @@ def test_bench_reservations(redis_url, redis_prefix, bench_report):
 
     # Warm up: the scripts are loaded, the connection is open.
     client.ping()
-    counters.charge("warm", EXACT_MICRO, BUDGET)
+    charge(counters, "warm", EXACT_MICRO, BUDGET)
     reserve_settle_rounds(counters, caps)
     rounds = {name: [] for name in ("ping", "charge", "reserve", "settle", "lreserve", "lsettle")}
     builds = []
@@ -546,7 +547,7 @@ def test_bench_settlements(engine, request, no_redis, bench_report):
     ``charge_response()`` (the settlement: the row updated in place, the session's totals,
     the counters' swap), over 6 caps, against a bare INSERT + commit and a plain booking,
     in alternating rounds on a persistent connection."""
-    spend_module._counters.clear()
+    spend_module.reset_spend_counters()
     load_price_sheet(ModelPrice, "default", SHEET_EPOCH)
     user = User.objects.create_user("bench")
     vendor = connection.vendor
