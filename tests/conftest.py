@@ -11,6 +11,12 @@ from django.db import connections
 from quotas.policies import policy_cache
 from quotas.testing import reset_quota_state, reset_redis_links
 
+# The reuse project (tests/reuse: quotas without ducke) runs in a process of its own, with its
+# own settings (tests/test_reuse_project.py); the DUCK-E run does not collect it.
+collect_ignore = (
+    [] if os.environ.get("DJANGO_SETTINGS_MODULE") == "tests.reuse.settings" else ["reuse"]
+)
+
 REDIS_URL_FOR_TESTS = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 
 

@@ -231,7 +231,7 @@ async def test_a_settlement_replaces_its_provisional_record_in_place_once(make_m
     assert [row async for row in UsageRecord.objects.values()] == rows
     unchanged = await QuotaSession.objects.aget(pk=meter.session_id)
     assert unchanged.cost_usd == Decimal("0.024") and _tokens(unchanged) == _tokens(record)
-    hour = await make_meter.counters.aevaluate(None, 0, BudgetSpec(), mode="read")
+    hour = await aread(make_meter.counters, BudgetSpec())
     assert hour.hour_usd == Decimal("0.024")  # the hold was replaced, the replay added nothing
 
 
