@@ -7,6 +7,7 @@ system check, so start-up stops with a message naming the variable.
 """
 
 import re
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -56,6 +57,14 @@ def _number(cast):
 
 _float = _number(float)
 _int = _number(int)
+
+
+def _positive_int(name, default):
+    """A whole number of at least 1 (a limit of 0 would lock everyone out)."""
+    value = _int(name, default)
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value!r}")
+    return value
 
 
 def _list(name, default):
@@ -124,7 +133,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "django_prometheus",
+    "axes",
     "quotas",
+    # After axes: ducke/admin.py replaces axes' admin for login attempts.
     "ducke",
 ]
 
@@ -143,6 +154,9 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
+    # Last, as axes requires: it turns a login the lockout refused into the 429 lockout page,
+    # which every middleware above (security headers, metrics) then sees as the response.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "ducke.urls"
@@ -227,6 +241,33 @@ else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 DJANGO_REDIS_LOG_IGNORED_EXCEPTIONS = True
+
+# Admin login lockout (django-axes, ducke/login_lockout.py). Axes' standalone backend comes
+# first: a locked-out attempt is refused there, before ModelBackend runs the password hasher.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+# Failed logins within the cool-off that lock a lockout parameter, each its own limit:
+# a username is locked after 5 failures from anywhere, an address (the quotas client
+# identity: trusted proxies, IPv6 /64) after 20 failures for any usernames. Axes compares
+# every parameter against one AXES_FAILURE_LIMIT; ducke.login_lockout's handler and limit
+# callable together compare each parameter against its own.
+DUCKE_LOGIN_FAILURE_LIMITS = {
+    "username": _read("DJANGO_LOGIN_FAILURES_PER_USERNAME", _positive_int, 5),
+    "ip_address": _read("DJANGO_LOGIN_FAILURES_PER_ADDRESS", _positive_int, 20),
+}
+AXES_LOCKOUT_PARAMETERS = list(DUCKE_LOGIN_FAILURE_LIMITS)
+AXES_FAILURE_LIMIT = "ducke.login_lockout.failure_limit"
+AXES_HANDLER = "ducke.login_lockout.LoginLockoutHandler"
+AXES_COOLOFF_TIME = timedelta(minutes=_read("DJANGO_LOGIN_COOLOFF_MINUTES", _positive_int, 15))
+# A refused attempt during a lockout is not counted again, so the lock ends when the page
+# says it does, and a guesser cannot keep a username locked by merely retrying.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+# A successful login clears that username's failures (the handler keeps the address's).
+AXES_RESET_ON_SUCCESS = True
+AXES_CLIENT_IP_CALLABLE = "ducke.login_lockout.client_identity"
+AXES_LOCKOUT_CALLABLE = "ducke.login_lockout.lockout_response"
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

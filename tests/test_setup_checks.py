@@ -184,6 +184,9 @@ def manage_check(**env):
         ("QUOTAS_TRUSTED_PROXIES", "10.0.0.0/33", "quotas.E002"),
         ("QUOTAS_IPV6_PREFIX", "abc", "ducke.E001"),
         ("QUOTAS_IPV4_PREFIX", "33", "quotas.E005"),
+        ("DJANGO_LOGIN_FAILURES_PER_USERNAME", "0", "ducke.E001"),
+        ("DJANGO_LOGIN_FAILURES_PER_ADDRESS", "many", "ducke.E001"),
+        ("DJANGO_LOGIN_COOLOFF_MINUTES", "-15", "ducke.E001"),
     ],
 )
 def test_bad_environment_stops_start_up_with_a_message(variable, value, check_id):
