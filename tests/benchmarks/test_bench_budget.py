@@ -29,8 +29,8 @@ from quotas.meter import SessionMeter
 from quotas.models import ModelPrice, QuotaSession, UsageRecord
 from quotas.policies import BudgetSpec, SpendLimitSpec
 from quotas.redis_client import SharedRedis
-from quotas.spend import SpendCounters
-from quotas.testing import admit, charge, entry_member, reserve, settle
+from quotas.spend import SpendCounters, entry_member
+from quotas.testing import admit, charge, reserve, settle
 
 pytestmark = pytest.mark.benchmark
 
