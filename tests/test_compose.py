@@ -337,8 +337,10 @@ def test_nginx_balances_both_apps(nginx_conf, locations_conf, services):
     assert set(proxied) == {"/session", "= /admin/login/", "/"}
     for path, body in proxied.items():
         assert f"proxy_pass http://{name};" in body, path
-        # A location that sets any header inherits none: each must forward the chain itself.
-        assert "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in body, path
+        # A location that sets any header inherits none: each must set the client itself,
+        # replacing whatever X-Forwarded-For the client sent (nginx is the edge).
+        assert "proxy_set_header X-Forwarded-For $remote_addr;" in body, path
+        assert "$proxy_add_x_forwarded_for" not in body, path
         assert "proxy_set_header Host $http_host;" in body, path
         # Always the proxy's own scheme: DJANGO_SECURE_PROXY_SSL_HEADER believes this header.
         assert "proxy_set_header X-Forwarded-Proto $scheme;" in body, path

@@ -41,12 +41,12 @@ WITH_TLS = {"nginx.conf": "default.conf", "tls.conf": "tls.conf"}  # as compose.
 pytestmark = pytest.mark.timeout(90)
 
 
-def require_tool(name):
+def require_tool(name, package="nginx-light openssl"):
     """The tool's path; skip (or fail under DUCKE_REQUIRE_DEPLOY_TOOLS=1) when it is missing."""
     found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
     if found:
         return found
-    problem = f"{name} is not installed (apt-get install nginx-light openssl)"
+    problem = f"{name} is not installed (apt-get install {package})"
     if os.environ.get("DUCKE_REQUIRE_DEPLOY_TOOLS") == "1":
         pytest.fail(f"DUCKE_REQUIRE_DEPLOY_TOOLS=1 but {problem}")
     pytest.skip(problem)
@@ -77,11 +77,15 @@ def self_signed_certificate(directory):
 def deploy_file(name, prefix, cert=None, key=None, upstream=None, ports=None):
     """A deploy/nginx file with only the compose-specific names and paths replaced.
 
-    ``upstream`` (host:port) replaces both apps; ``ports`` = (plain, tls) moves the listens."""
+    ``upstream`` (host:port) replaces both apps, a pair (app1, app2) each of them;
+    ``ports`` = (plain, tls) moves the listens."""
     text = (NGINX_DIR / name).read_text()
     if name == "nginx.conf":
-        text = replace(text, "server app1:8000 ", f"server {upstream or '127.0.0.1:8000'} ", 1)
-        text = replace(text, "server app2:8000 ", f"server {upstream or '127.0.0.2:8000'} ", 1)
+        if upstream is None:
+            upstream = ("127.0.0.1:8000", "127.0.0.2:8000")
+        app1, app2 = (upstream, upstream) if isinstance(upstream, str) else upstream
+        text = replace(text, "server app1:8000 ", f"server {app1} ", 1)
+        text = replace(text, "server app2:8000 ", f"server {app2} ", 1)
         if ports:
             text = replace(text, "listen 8080;", f"listen 127.0.0.1:{ports[0]};", 1)
     if name in ("nginx.conf", "tls.conf"):
@@ -203,23 +207,8 @@ def tls_proxy(tmp_path, daphne_server_factory):
     prefix = tmp_path / "nginx"
     prefix.mkdir()
     nginx, paths, cert = lay_out(prefix, WITH_TLS, upstream=f"127.0.0.1:{server.port}", ports=ports)
-    # One process as the invoking user: no worker user needs to read the pytest temp dir.
-    process = subprocess.Popen(
-        [nginx, *paths, "-g", "daemon off; master_process off;"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_nginx(nginx, paths, prefix, ports[1])
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", ports[1]), timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    log = (prefix / "error.log").read_text(errors="replace")
-                    pytest.fail(f"nginx did not start:\n{log}")
-                time.sleep(0.05)
         yield {
             "server": server,
             "http": f"http://127.0.0.1:{ports[0]}",
@@ -227,8 +216,39 @@ def tls_proxy(tmp_path, daphne_server_factory):
             "tls": ssl.create_default_context(cafile=str(cert)),
         }
     finally:
+        stop_process(process)
+
+
+def start_nginx(nginx, paths, prefix, port, timeout=10):
+    """Run the laid-out nginx in the foreground; returns its process once ``port`` accepts."""
+    # One process as the invoking user: no worker user needs to read the pytest temp dir.
+    process = subprocess.Popen(
+        [nginx, *paths, "-g", "daemon off; master_process off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                stop_process(process)
+                log = (prefix / "error.log").read_text(errors="replace")
+                pytest.fail(f"nginx did not start:\n{log}")
+            time.sleep(0.05)
+
+
+def stop_process(process, timeout=10):
+    """SIGTERM by PID, SIGKILL if it does not exit in time."""
+    if process.poll() is None:
         process.terminate()
-        process.wait(timeout=10)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout)
 
 
 def create_operator(server, password):
