@@ -107,6 +107,7 @@ class SharedRedis:
         self.timer = timer
         self._down_until = 0.0
         self._was_down = False
+        self._seen_up = False
         self._lock = threading.Lock()
         self._sync = None
         self._async_by_loop = weakref.WeakKeyDictionary()
@@ -167,6 +168,10 @@ class SharedRedis:
 
     def mark_up(self):
         """Record a successful call; tells listeners when Redis has just come back."""
+        if not self._seen_up:
+            # The first answer of a new process: the gauge starts at 0 (unknown) until here.
+            self._seen_up = True
+            redis_available.set(1)
         if self._was_down:
             self._was_down = False
             redis_available.set(1)
