@@ -99,3 +99,12 @@ class SessionSlots:
                 await self.link.async_client.zrem(self._key(client), token)
             except REDIS_ERRORS as exc:
                 self.link.mark_down(exc)
+
+    def release_sync(self, client, token):
+        """``release()`` for sync code (a process starting up, before its event loop runs)."""
+        self._local_release(client, token)
+        if self._use_redis():
+            try:
+                self.link.client.zrem(self._key(client), token)
+            except REDIS_ERRORS as exc:
+                self.link.mark_down(exc)
