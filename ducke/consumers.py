@@ -390,10 +390,11 @@ class SessionConsumer(AsyncWebsocketConsumer):
         whole conversation as input the moment a response starts, so the budgets are checked
         before, not after (``SessionMeter.reserve_response``). A browser's ``response.create``
         while one runs is refused as upstream would (one response at a time); a spoken turn
-        or a tool result waits for the running response to be booked."""
+        or a tool result waits for the running response to be booked, and so does a browser's
+        request that comes after ``response.done`` but before the booking."""
         if self.upstream is None or self.closing or self.cutoff:
             return
-        if requested and self.response_running:
+        if requested and (self.response_running or self.create_waiting):
             await self.send_event(
                 error_event(
                     "conversation_already_has_active_response",
@@ -470,6 +471,10 @@ class SessionConsumer(AsyncWebsocketConsumer):
                     event = json.loads(raw)
                 except ValueError:
                     continue
+                if event.get("type") == "response.done":
+                    # Over for the browser from the moment it can see this: a response.create
+                    # it sends now waits for the booking instead of being refused.
+                    self.response_running = False
                 if not self.closing:
                     if send_backlog(self.base_send) > self.max_backlog:
                         await self._end_for_slow_client()

@@ -302,6 +302,10 @@ QUOTAS_SERVICE_NAME = env.str("QUOTAS_SERVICE_NAME", default="DUCK-E").strip() o
 # Calendar spend limits (day/week/month) reset at midnight here; empty -> TIME_ZONE.
 QUOTAS_BUDGET_TIMEZONE = env.str("QUOTAS_BUDGET_TIMEZONE", default="").strip()
 QUOTAS_EVENT_RETENTION_DAYS = _read("QUOTAS_EVENT_RETENTION_DAYS", _int, 90)
+# Stale-session sweep: how often each process runs it (at start-up too; 0: only on demand),
+# and how often a running session proves its process alive (stale after 3 of these).
+QUOTAS_SPEND_SWEEP_SECONDS = _read("QUOTAS_SPEND_SWEEP_SECONDS", _float, 300.0)
+QUOTAS_SESSION_HEARTBEAT_SECONDS = _read("QUOTAS_SESSION_HEARTBEAT_SECONDS", _float, 30.0)
 
 # Realtime upstream.
 OPENAI_API_KEY = env.str("OPENAI_API_KEY", default="").strip()

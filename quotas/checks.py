@@ -55,7 +55,12 @@ def check_settings(app_configs, **kwargs):
                 id="quotas.E003",
             )
         )
-    for name in ("POLICY_REFRESH_SECONDS", "REDIS_RETRY_SECONDS", "REDIS_TIMEOUT_SECONDS"):
+    for name in (
+        "POLICY_REFRESH_SECONDS",
+        "REDIS_RETRY_SECONDS",
+        "REDIS_TIMEOUT_SECONDS",
+        "SESSION_HEARTBEAT_SECONDS",
+    ):
         value = getattr(quota_settings, name)
         if not isinstance(value, (int, float)) or value <= 0:
             messages.append(

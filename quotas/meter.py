@@ -246,6 +246,10 @@ class Reservation:
     counts: TokenCounts
     record_id: int | None = None  # the provisional UsageRecord, once written
     response_id: str | None = None
+    # The input noted before it was reserved: what its response re-bills (input noted while
+    # it runs is the next response's).
+    pending_input_bytes: int = 0
+    pending_text_tokens: int = 0
 
     @property
     def member(self):
@@ -461,7 +465,7 @@ class SessionMeter:
                 return reason
         return None
 
-    def _learn_context(self, counts):
+    def _learn_context(self, counts, reservation=None):
         # Every turn re-bills the whole conversation: this response's input and output are
         # the next one's input.
         self._context_audio_tokens = (
@@ -470,8 +474,18 @@ class SessionMeter:
         self._context_text_tokens = (
             counts.text_input + counts.cached_text_input + counts.text_output
         )
-        self._pending_input_bytes = 0
-        self._pending_text_tokens = 0
+        if reservation is None:
+            self._pending_input_bytes = 0
+            self._pending_text_tokens = 0
+        else:
+            # What was typed or spoken while the response ran is not in its usage: it stays
+            # pending for the next one.
+            self._pending_input_bytes = max(
+                0, self._pending_input_bytes - reservation.pending_input_bytes
+            )
+            self._pending_text_tokens = max(
+                0, self._pending_text_tokens - reservation.pending_text_tokens
+            )
         self._response_id = None
 
     # -- reservations ---------------------------------------------------------------------------
@@ -492,7 +506,14 @@ class SessionMeter:
         counts = self.worst_case()
         cost = counts.cost(self._rates)
         micro = to_micro(cost)
-        reservation = Reservation(f"reserved:{uuid.uuid4().hex}", micro, cost, counts)
+        reservation = Reservation(
+            f"reserved:{uuid.uuid4().hex}",
+            micro,
+            cost,
+            counts,
+            pending_input_bytes=self._pending_input_bytes,
+            pending_text_tokens=self._pending_text_tokens,
+        )
         state = await self.counters.areserve(
             self.caps(at), micro, reservation.member, self.budget, at=at
         )
@@ -652,11 +673,12 @@ class SessionMeter:
         if reservation is not None and reservation.response_id in (None, str(response_id)):
             outcome, counts = await self._settle(reservation, str(response_id), counts_of)
         else:
+            reservation = None
             outcome, counts = await self._charge(
                 "response", str(response_id), self.model, counts_of
             )
         if counts is not None and any(counts.as_dict().values()):
-            self._learn_context(counts)
+            self._learn_context(counts, reservation)
         return outcome
 
     async def charge_transcription(self, item_id, usage, model):

@@ -1,12 +1,14 @@
 """What a serving process does once, before it takes traffic.
 
-- Close the sessions that a crashed process left open (``quotas.sweep``) and replay the ledger
-  into the shared spend counters (idempotent: nothing is counted twice), so a restart after a
-  crash or an upgrade starts from what the ledger holds.
-- Load the o200k tokenizer in the background, so the first typed message does not wait ~1 s.
-
-Both are skipped with ``QUOTAS_SPEND_SWEEP_SECONDS = 0`` (tests); a database or Redis that is
-not there yet only costs a warning: the periodic sweep tries again.
+- Close the sessions that a crashed process left open (``quotas.sweep``), free their
+  concurrent-session slots, and replay the ledger into the shared spend counters (idempotent:
+  nothing is counted twice), so a restart after a crash or an upgrade starts from what the
+  ledger holds. Skipped with ``QUOTAS_SPEND_SWEEP_SECONDS = 0`` (tests); a database or Redis
+  that is not there yet only costs a warning: the periodic sweep tries again.
+- Load the o200k tokenizer (one to two seconds, while the sweep waits on the database). Loaded
+  by the first typed message instead, it would stall the event loop, and with it every session
+  of the process: Redis calls time out meanwhile and the process falls back to per-process
+  spend counters, so sessions on several instances could pass the shared caps together.
 """
 
 import logging
@@ -18,19 +20,31 @@ logger = logging.getLogger("quotas.startup")
 
 
 def prepare_process():
-    """Sweep stale sessions, rebuild the counters, warm the tokenizer (call from asgi.py)."""
+    """Sweep stale sessions, rebuild the counters, load the tokenizer (call from asgi.py)."""
     from .text_tokens import load_o200k
 
-    threading.Thread(target=load_o200k, name="o200k-load", daemon=True).start()
+    loader = threading.Thread(target=load_o200k, name="o200k-load", daemon=True)
+    loader.start()
+    try:
+        _sweep()
+    finally:
+        loader.join()
+
+
+def _sweep():
     if float(quota_settings.SPEND_SWEEP_SECONDS) <= 0 or not quota_settings.ENABLED:
         return
     from django.db import close_old_connections
 
+    from .guards import session_slots
     from .spend import spend_counters
     from .sweep import close_stale_sessions
 
     try:
-        close_stale_sessions()
+        slots = session_slots()
+        for _pk, client, slot in close_stale_sessions().closed:
+            if slot:
+                slots.release_sync(client, slot)
         counters = spend_counters()
         if counters.link is not None:
             counters.rebuild_from_ledger()

@@ -6,9 +6,12 @@ alone, not the few tokens upstream adds to frame each message.
 
 Exact count. With the ``bpe-openai`` wheel installed (pinned in requirements.txt) the count is
 exact: it is a Rust BPE with the o200k_base vocabulary built in, so nothing is downloaded at run
-time. Loading it takes about a second and some 140 MiB per process, once, at the first call or
-at ``load_o200k()``; after that a 4,000-character message costs about 0.1-0.4 ms, linear in the
-length even for adversarial input (one long run of punctuation or of one letter).
+time. Loading it takes one to two seconds and some 140 MiB per process, once (callers that come
+during the load wait for it), at the first call or at ``load_o200k()``; after that a
+4,000-character message costs about 0.1-0.4 ms, linear in the length even for adversarial input
+(one long run of punctuation or of one letter). A serving process loads it before it takes
+traffic (``quotas.startup``): loaded by the first message instead, it would stall the event loop
+of every session of the process for that long.
 
 Fallback: the UTF-8 byte count, used when the wheel is missing or does not load on this
 platform (logged once as a warning), and for texts the wheel refuses (a million characters and
@@ -29,16 +32,29 @@ of refusing a response early; tests/test_text_tokens.py checks these claims agai
 ``texts_token_bound(parts)`` covers the parts of one message, counted apart or joined.
 """
 
-import functools
 import logging
+import threading
 from collections.abc import Iterable
 
 logger = logging.getLogger("quotas.text_tokens")
 
+_UNLOADED = object()
+_encoding = _UNLOADED
+_load_lock = threading.Lock()
 
-@functools.cache
+
 def _o200k():
-    """The bundled o200k_base encoding, or None when it cannot be loaded here."""
+    """The bundled o200k_base encoding, or None when it cannot be loaded here (loaded once:
+    a second thread waits for the first one's load instead of loading its own copy)."""
+    global _encoding
+    if _encoding is _UNLOADED:
+        with _load_lock:
+            if _encoding is _UNLOADED:
+                _encoding = _load()
+    return _encoding
+
+
+def _load():
     try:
         import bpe_openai
 

@@ -96,6 +96,30 @@ async def test_a_burst_of_response_creates_starts_exactly_one_response(relay_app
     await browser.disconnect()
 
 
+async def test_a_response_create_right_after_response_done_is_answered(
+    relay_app, simulator, monkeypatch
+):
+    """The browser sees ``response.done`` before the relay has booked it: a question asked at
+    once waits for the booking, it is not refused as if the answer were still running."""
+    from quotas.meter import SessionMeter
+
+    charge_response = SessionMeter.charge_response
+
+    async def slow_charge(self, event):
+        await asyncio.sleep(0.3)  # a slow ledger: the browser is faster
+        return await charge_response(self, event)
+
+    monkeypatch.setattr(SessionMeter, "charge_response", slow_charge)
+    browser, _ = await open_session(relay_app)
+    await ask(browser)
+    await browser.receive_until("response.done", timeout=20)
+    await ask(browser, "And why only on Tuesdays?")
+    events = await browser.receive_until("response.done", timeout=20)
+    assert not [e for e in events if e["type"] == "error"], events
+    assert len(simulator.recorder.responses) == 2
+    await browser.disconnect()
+
+
 async def test_a_running_response_is_held_provisionally_then_settled_exactly(relay_app, simulator):
     simulator.pace = 1.0
     browser, _ = await open_session(relay_app)
@@ -254,6 +278,23 @@ async def test_the_sweep_closes_sessions_of_a_dead_process_and_keeps_their_estim
     assert dead.ended_at == dead.heartbeat_at
     assert (await QuotaSession.objects.aget(pk=alive.pk)).ended_at is None
     assert len(await asweep()) == 0  # nothing left to close
+
+
+async def test_a_starting_process_closes_stale_sessions_and_frees_their_slots(settings):
+    from quotas.guards import session_slots
+    from quotas.startup import prepare_process
+
+    settings.QUOTAS_SPEND_SWEEP_SECONDS = 300
+    dead = await crashed_session(age_seconds=600)
+    await QuotaSession.objects.filter(pk=dead.pk).aupdate(slot="dead-slot")
+    slots = session_slots()
+    assert await slots.acquire("10.7.7.7", "dead-slot", 1)
+    await sync_to_async(prepare_process)()
+    dead = await QuotaSession.objects.aget(pk=dead.pk)
+    assert dead.end_reason == "server_crash" and dead.cost_usd == Decimal("0.25")
+    # The one slot the client may hold is free again.
+    assert await slots.acquire("10.7.7.7", "new-slot", 1)
+    await slots.release("10.7.7.7", "new-slot")
 
 
 async def test_quotas_close_stale_command(capsys):

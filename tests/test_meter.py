@@ -398,6 +398,28 @@ def test_no_missing_migrations():
 
 
 @pytest.mark.django_db(transaction=True)
+async def test_input_sent_while_a_response_runs_is_reserved_with_the_next_one(make_meter):
+    from quotas.pricing import TokenCounts
+    from quotas.text_tokens import text_token_bound
+
+    budget = BudgetSpec(session_cap_usd=Decimal("5.00"), max_output_tokens_per_response=10)
+    meter = await make_meter(budget)
+    meter.note_input_text("word " * 100)
+    assert (await meter.reserve_response()).allowed
+    meter.note_response_started("r1")
+    # Typed (and spoken) while r1 streams: not in r1's usage, billed by the next response.
+    typed = "word " * 1600
+    meter.note_input_text(typed)
+    meter.note_input_audio(2 * 48_000)  # 2 s: 20 tokens
+    await meter.charge_response(done("r1", text_usage(100, 10)))
+    later = text_token_bound(typed)
+    assert meter.worst_case() == TokenCounts(text_input=110 + later, audio_input=20, text_output=10)
+    assert (await meter.reserve_response()).allowed
+    await meter.charge_response(done("r2", text_usage(110 + later, 10)))
+    assert meter.worst_case() == TokenCounts(text_input=120 + later, text_output=10)
+
+
+@pytest.mark.django_db(transaction=True)
 async def test_a_reservation_holds_the_worst_case_and_refuses_what_cannot_fit(make_meter):
     from quotas.models import UsageRecord
     from quotas.pricing import TokenCounts

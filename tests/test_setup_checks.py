@@ -122,6 +122,7 @@ def test_checks_pass_on_the_test_settings():
         ({"QUOTAS_TRUSTED_PROXIES": 42}, "quotas.E002"),
         ({"QUOTAS_REDIS_URL": "http://127.0.0.1:6379/0"}, "quotas.E003"),
         ({"QUOTAS_POLICY_REFRESH_SECONDS": 0}, "quotas.E004"),
+        ({"QUOTAS_SESSION_HEARTBEAT_SECONDS": 0}, "quotas.E004"),
         ({"QUOTAS_IPV6_PREFIX": "abc"}, "quotas.E005"),
         ({"QUOTAS_IPV6_PREFIX": 0}, "quotas.E005"),
         ({"QUOTAS_IPV6_PREFIX": 129}, "quotas.E005"),
@@ -187,6 +188,9 @@ def manage_check(**env):
         ("DJANGO_LOGIN_FAILURES_PER_USERNAME", "0", "ducke.E001"),
         ("DJANGO_LOGIN_FAILURES_PER_ADDRESS", "many", "ducke.E001"),
         ("DJANGO_LOGIN_COOLOFF_MINUTES", "-15", "ducke.E001"),
+        ("QUOTAS_SPEND_SWEEP_SECONDS", "-1", "ducke.E001"),
+        ("QUOTAS_SESSION_HEARTBEAT_SECONDS", "soon", "ducke.E001"),
+        ("QUOTAS_SESSION_HEARTBEAT_SECONDS", "0", "quotas.E004"),
     ],
 )
 def test_bad_environment_stops_start_up_with_a_message(variable, value, check_id):
@@ -205,6 +209,8 @@ def test_good_environment_starts():
         QUOTAS_TRUSTED_PROXIES="10.0.0.0/8,::1",
         QUOTAS_IPV6_PREFIX="56",
         QUOTAS_IPV4_PREFIX="24",
+        QUOTAS_SPEND_SWEEP_SECONDS="60",
+        QUOTAS_SESSION_HEARTBEAT_SECONDS="10",
         REDIS_URL="redis://:secret@127.0.0.1:6379/0",
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -3,6 +3,8 @@
 import importlib.util
 import logging
 import sys
+import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -199,16 +201,35 @@ def test_text_the_wheel_refuses_is_counted_in_bytes(text):
 
 def test_missing_wheel_falls_back_to_bytes_with_one_warning(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "bpe_openai", None)  # import now raises ImportError
-    text_tokens._o200k.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="quotas.text_tokens"):
-            assert not load_o200k()
-            assert text_token_bound(TEXTS["chinese"]) == 78
-            assert text_token_bound(TEXTS["emoji"]) == 44
-    finally:
-        text_tokens._o200k.cache_clear()
+    monkeypatch.setattr(text_tokens, "_encoding", text_tokens._UNLOADED)
+    with caplog.at_level(logging.WARNING, logger="quotas.text_tokens"):
+        assert not load_o200k()
+        assert text_token_bound(TEXTS["chinese"]) == 78
+        assert text_token_bound(TEXTS["emoji"]) == 44
     warnings = [r for r in caplog.records if r.name == "quotas.text_tokens"]
     assert len(warnings) == 1 and "UTF-8 bytes" in warnings[0].getMessage()
+
+
+def test_the_tokenizer_is_loaded_once_when_threads_ask_for_it_together(monkeypatch):
+    # A serving process loads it in the background while the first message may count text
+    # on the event loop: that call must wait for the load under way, not start a second one.
+    loads = []
+    started = threading.Event()
+
+    def slow_load():
+        loads.append(threading.current_thread().name)
+        started.set()
+        time.sleep(0.2)
+        return "encoding"
+
+    monkeypatch.setattr(text_tokens, "_encoding", text_tokens._UNLOADED)
+    monkeypatch.setattr(text_tokens, "_load", slow_load)
+    background = threading.Thread(target=text_tokens._o200k, name="o200k-load")
+    background.start()
+    started.wait(5)
+    assert text_tokens._o200k() == "encoding"
+    background.join(5)
+    assert loads == ["o200k-load"]
 
 
 def test_parts_are_bounded_one_by_one_and_joined(o200k_reference):
