@@ -516,7 +516,12 @@ class SessionConsumer(AsyncWebsocketConsumer):
             self.meter.note_response_started(self.active_response)
             self.response_idle.clear()
         elif kind == "response.done":
-            await self._book(self.meter.charge_response, event)
+            # The hold is taken now: a retried booking (database away) settles this same hold,
+            # and the next answer may be reserved meanwhile.
+            reservation = self.meter.take_reservation(
+                (event.get("response") or {}).get("id") or event.get("response_id")
+            )
+            await self._book(self.meter.charge_response, event, reservation)
             self.active_response = None
             self._response_over()
             await self._after_response()

@@ -4,6 +4,8 @@ Any other path is refused at the handshake (HTTP 403), where URLRouter would rai
 and daphne answer HTTP 500 with three ERROR tracebacks per attempt.
 """
 
+import functools
+import json
 import logging
 
 from channels.auth import AuthMiddlewareStack
@@ -16,6 +18,7 @@ from ducke.origin import WebsocketOriginValidator, refuse_handshake
 from quotas.edge import count_hit
 from quotas.guards import ConnectionGuard
 from quotas.meter import smallest_answer_micro
+from quotas.text_tokens import text_token_bound
 
 logger = logging.getLogger("ducke.routing")
 
@@ -32,6 +35,23 @@ async def refuse_unknown_path(scope, receive, send):
     await refuse_handshake(scope, receive, send)
 
 
+@functools.cache
+def _session_text_tokens():
+    """Tokens of the server's session.update (instructions, tools): every answer re-bills them."""
+    from ducke.realtime.persona import session_update
+    from ducke.tools import TOOL_SCHEMAS
+
+    update = session_update(
+        model=settings.DUCKE_REALTIME_MODEL, accept_language="", tools=TOOL_SCHEMAS
+    )
+    return text_token_bound(json.dumps(update))
+
+
+def first_answer_room(budget):
+    """What a new DUCK-E session needs left under every cap: its first answer's worst case."""
+    return smallest_answer_micro(budget, input_text_tokens=_session_text_tokens())
+
+
 def websocket_application():
     """The ASGI app for every WebSocket connection."""
     routes = [
@@ -41,8 +61,8 @@ def websocket_application():
             "session",
             WebsocketOriginValidator(
                 AuthMiddlewareStack(
-                    # A session is worth starting while one bounded answer fits every cap.
-                    ConnectionGuard(SessionConsumer.as_asgi(), room=smallest_answer_micro)
+                    # A session is worth starting while its first answer fits every cap.
+                    ConnectionGuard(SessionConsumer.as_asgi(), room=first_answer_room)
                 )
             ),
         ),

@@ -236,6 +236,9 @@ class _Booking:
     session_cost: Decimal | None = None
 
 
+_CURRENT = object()  # charge_response: the meter's current reservation, if it matches
+
+
 @dataclass
 class Reservation:
     """A response's worst case, held against every cap from before it starts until it settles."""
@@ -261,12 +264,17 @@ def count_refusal(reason):
     budget_exceeded_total.labels(reason=reason).inc()
 
 
-def smallest_answer_micro(budget, at=None):
-    """What one answer costs at least under ``budget``'s output bound: its
+def smallest_answer_micro(budget, at=None, *, input_text_tokens=0):
+    """The worst case of a first answer under ``budget``: ``input_text_tokens`` (what every
+    answer re-bills: instructions, tool schemas) at the dearest text input price, plus
     ``max_output_tokens`` at the dearest output price known (sync: reads the price book)."""
     rates = price_book().dearest_at(timestamp_to_datetime(time.time() if at is None else at))
-    per_token = rates.per_token_cost(rates.max_kind(OUTPUT_KINDS))
-    return to_micro(per_token * int(budget.max_output_tokens_per_response))
+    per_output = rates.per_token_cost(rates.max_kind(OUTPUT_KINDS))
+    per_input = rates.per_token_cost("text_input")
+    return to_micro(
+        per_output * int(budget.max_output_tokens_per_response)
+        + per_input * int(input_text_tokens)
+    )
 
 
 async def admit_new_session(budget, counters=None, caps=None, room_micro=0):
@@ -531,8 +539,25 @@ class SessionMeter:
             return admission
         self.reservation = reservation
         self._limit_room = self._room_beyond(state)
-        reservation.record_id = await self._book_provisional(reservation, at)
+        try:
+            reservation.record_id = await self._book_provisional(reservation, at)
+        except Exception as exc:
+            # The hold counts in the counters already; its ledger row is written when the
+            # response settles (the database may be back by then). The answer goes on.
+            logger.warning(
+                "provisional usage not written yet (%s); it is written at settlement",
+                exc.__class__.__name__,
+            )
         return Admission(True, state=state)
+
+    def take_reservation(self, response_id=None):
+        """The hold a finished response ran under (and no longer the meter's current one),
+        or None; pass it to ``charge_response`` so a retried booking settles the same hold."""
+        reservation = self.reservation
+        if reservation is None or reservation.response_id not in (None, str(response_id)):
+            return None
+        self.reservation = None
+        return reservation
 
     @staticmethod
     def _room_beyond(state):
@@ -656,9 +681,10 @@ class SessionMeter:
 
     # -- charging -------------------------------------------------------------------------------
 
-    async def charge_response(self, event):
+    async def charge_response(self, event, reservation=_CURRENT):
         """Book a ``response.done`` server event's usage (once per response id): settles the
-        reservation it ran under, or books it plainly when it had none."""
+        reservation it ran under (``reservation``: one from ``take_reservation``; by default
+        the meter's current one if it matches), or books it plainly when it had none."""
         response = event.get("response") or {}
         response_id = response.get("id") or event.get("response_id")
         if not response_id:
@@ -669,11 +695,11 @@ class SessionMeter:
         def counts_of(rates):
             return usage_token_counts(usage, rates)
 
-        reservation = self.reservation
-        if reservation is not None and reservation.response_id in (None, str(response_id)):
+        if reservation is _CURRENT:
+            reservation = self.take_reservation(response_id)
+        if reservation is not None:
             outcome, counts = await self._settle(reservation, str(response_id), counts_of)
         else:
-            reservation = None
             outcome, counts = await self._charge(
                 "response", str(response_id), self.model, counts_of
             )
@@ -778,7 +804,6 @@ class SessionMeter:
             # away): write it now, so the exact usage has a row to replace.
             reservation.record_id = await self._book_provisional(reservation, at)
         booking = await self._settle_provisional(reservation, reference, counts_of, at)
-        self.reservation = None
         if booking is None:
             logger.info("replayed response %s (session %s): not booked", reference, self.session_id)
             return self._outcome(None, booked=False, state=None, at=at), None

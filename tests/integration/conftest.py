@@ -67,9 +67,15 @@ def budget(it_database):
         breaker_threshold_usd="100.00",
         breaker_cooldown_seconds=3600,
         max_concurrent_sessions_per_client=2,
+        max_output_tokens_per_response=1000,
     )
     yield it_database.set_budget
     it_database.set_budget(**defaults)
+    # And the fresh-install spend limits (ducke.policies).
+    it_database.edit_policy(
+        "UPDATE quotas_spendlimit SET cap_usd = CASE name WHEN 'client-hour' THEN 10 "
+        "WHEN 'client-day' THEN 20 ELSE cap_usd END, enabled = true"
+    )
 
 
 @pytest.fixture

@@ -147,7 +147,7 @@ async def test_redis_outage_keeps_serving_and_loses_no_usage(
 
         _, ledger, finished = await settled_ledger(it_database, cluster, talkers.clients)
         # Shared spend counters rebuilt: Redis holds the ledger's whole last hour again.
-        hour = int(redis.Redis.from_url(redis_server.url).get("quotas:spend:hour") or 0)
+        hour = int(redis.Redis.from_url(redis_server.url).get("quotas:spend:hour:total") or 0)
         costs = it_database.rows(
             "SELECT cost_usd FROM quotas_usagerecord WHERE created_at > now() - interval '1 hour'"
         )

@@ -187,7 +187,7 @@ async def test_forged_forwarded_for_from_untrusted_peer_counts_as_one_client(ins
 
 
 async def test_clients_that_never_read_are_cut_off_before_the_server_grows(
-    cluster_factory, redis_server, it_database
+    cluster_factory, redis_server, it_database, budget
 ):
     backlog = 1024 * 1024
     cluster = cluster_factory(
@@ -198,6 +198,11 @@ async def test_clients_that_never_read_are_cut_off_before_the_server_grows(
     )
     server = cluster.instances[0]
     readers = 4
+    # This test is about clients that never read: budgets (each answer reserved at its worst
+    # case) must not end the sessions first.
+    budget(session_cap_usd="100", hourly_cap_usd="1000", breaker_threshold_usd="2000")
+    it_database.edit_policy("UPDATE quotas_spendlimit SET cap_usd = 1000")
+    await asyncio.sleep(1.0)  # the policy refresh (0.5 s)
     # Warm up: one full session, so imports and caches are in the baseline.
     warm = await Session.open(server)
     await warm.turn()
