@@ -29,7 +29,6 @@ import sys
 import time
 import weakref
 
-import redis.exceptions
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
@@ -37,13 +36,12 @@ from ducke.realtime import client_events
 from ducke.realtime.persona import TRANSCRIPTION_MODEL, session_update
 from ducke.realtime.upstream import open_upstream
 from ducke.tools import TOOL_SCHEMAS, run_tool
-from quotas.breaker import BREAKER_GROUP
 from quotas.caps import Identity
-from quotas.conf import quota_settings
-from quotas.guards import scope_client_ip, session_slots
+from quotas.consumers import QuotaConsumerMixin
+from quotas.guards import scope_client_ip
 from quotas.meter import SessionMeter
 from quotas.policies import policy_cache
-from quotas.protocol import CLOSE_PAUSED, close_code_for, exceeded_event, refusal_message
+from quotas.protocol import close_code_for, exceeded_event, refusal_message
 
 logger = logging.getLogger("ducke.session")
 
@@ -52,10 +50,8 @@ CLOSE_FRAME_TOO_LARGE = 1009
 CLOSE_UPSTREAM_FAILURE = 1011
 CLOSE_SERVICE_RESTART = 1012
 CLOSE_TRY_AGAIN_LATER = 1013
-SLOT_REFRESH_SECONDS = 30
 DRAIN_SECONDS = 10
 BOOKING_RETRY_SECONDS = 1.0
-CHANNEL_LAYER_RETRY_SECONDS = 0.5
 
 
 # What browsers (JSON.stringify) and Python (json.dumps) send for an audio chunk. A frame of
@@ -152,7 +148,7 @@ def _install_shutdown_hook():
     _shutdown_hook.append(reactor.addSystemEventTrigger("before", "shutdown", before_shutdown))
 
 
-class SessionConsumer(AsyncWebsocketConsumer):
+class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
     """Relays one browser voice session to the Realtime upstream and meters it."""
 
     _shutdown_task = None
@@ -170,42 +166,6 @@ class SessionConsumer(AsyncWebsocketConsumer):
             raise
         finally:
             _live_sessions.discard(self)
-
-    # The channel layer (Redis in production) only carries the breaker broadcast. Channels
-    # awaits ``channel_receive`` next to the browser's messages and would end the session on
-    # the first Redis error; the relay keeps going instead and listens again once Redis is
-    # back (re-joining the breaker group, which a restarted Redis has forgotten). A read
-    # timeout is no outage: redis-py 8 reads with a 5 s socket timeout by default and
-    # channels-redis blocks 5 s in BZPOPMIN, so a quiet channel regularly times out.
-
-    @property
-    def channel_receive(self):
-        return self._receive_from_layer
-
-    @channel_receive.setter
-    def channel_receive(self, receive):
-        self._layer_receive = receive
-
-    async def _receive_from_layer(self):
-        delay = CHANNEL_LAYER_RETRY_SECONDS
-        failed = False
-        while True:
-            try:
-                if failed:
-                    await self.channel_layer.group_add(BREAKER_GROUP, self.channel_name)
-                    logger.info("channel layer available again")
-                    failed = False
-                return await self._layer_receive()
-            except asyncio.CancelledError:
-                raise
-            except redis.exceptions.TimeoutError:
-                continue  # nothing arrived in time: listen again
-            except Exception as exc:
-                if not failed:
-                    logger.warning("channel layer unavailable: %s", exc.__class__.__name__)
-                failed = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     def _begin_shutdown(self):
         """Start ending this session for a server shutdown (once); returns the task."""
@@ -266,11 +226,8 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 ),
             )
             return
-        if self.channel_layer is not None:
-            try:
-                await self.channel_layer.group_add(BREAKER_GROUP, self.channel_name)
-            except Exception as exc:  # the next charge still sees an open breaker
-                logger.warning("could not join the breaker group: %s", exc.__class__.__name__)
+        self.quota_meter = self.meter
+        await self.quota_join()
         try:
             self.upstream = await open_upstream(
                 self.scope,
@@ -675,8 +632,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
     async def _watch(self):
         idle_limit = float(_setting("DUCKE_IDLE_TIMEOUT_SECONDS", 300))
         # The slot and the heartbeat (the stale-session sweep's proof of life) together.
-        refresh_every = min(SLOT_REFRESH_SECONDS, float(quota_settings.SESSION_HEARTBEAT_SECONDS))
-        next_refresh = time.monotonic() + refresh_every
+        next_refresh = time.monotonic() + self.quota_refresh_seconds
         while not self.closing:
             check = self.meter.duration_events()
             for warning in check.warnings:
@@ -693,38 +649,18 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 )
                 return
             if now >= next_refresh:
-                if self.slot:
-                    await session_slots().refresh(
-                        self.client,
-                        self.slot,
-                        self.policy.budget.max_concurrent_sessions_per_client,
-                    )
-                await self._heartbeat()
-                next_refresh = now + refresh_every
+                await self.quota_refresh()
+                next_refresh = now + self.quota_refresh_seconds
             # Wake at least every second, and exactly at the duration cap.
             until_cap = (
                 self.meter.started + self.policy.budget.session_max_seconds - self.meter.timer()
             )
             await asyncio.sleep(min(1.0, max(0.01, until_cap)))
 
-    async def _heartbeat(self):
-        try:
-            await self.meter.heartbeat()
-        except Exception as exc:  # a missed heartbeat is retried at the next refresh
-            logger.warning("session heartbeat failed: %s", exc.__class__.__name__)
+    # The breaker opened somewhere, or a cap refused: QuotaConsumerMixin calls this.
 
-    # The breaker opened somewhere (this or another instance)
-
-    async def quotas_breaker_open(self, message):
-        await self.close_with(
-            CLOSE_PAUSED,
-            exceeded_event(
-                "breaker",
-                message.get("message", "DUCK-E is paused."),
-                int(message.get("retry_after", 60)),
-            ),
-            "breaker",
-        )
+    async def quota_close(self, code, event, reason):
+        await self.close_with(code, event, reason)
 
     # End of session
 
@@ -770,11 +706,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
             await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.upstream is not None:
             await self.upstream.close()
-        if self.channel_layer is not None:
-            try:
-                await self.channel_layer.group_discard(BREAKER_GROUP, self.channel_name)
-            except Exception:
-                pass
+        await self.quota_leave()
         if self.meter is not None:
             try:
                 await self.meter.close(self.end_reason)

@@ -49,7 +49,9 @@ def _session_text_tokens():
 
 def first_answer_room(budget):
     """What a new DUCK-E session needs left under every cap: its first answer's worst case."""
-    return smallest_answer_micro(budget, input_text_tokens=_session_text_tokens())
+    return smallest_answer_micro(
+        budget, input_text_tokens=_session_text_tokens(), model=settings.DUCKE_REALTIME_MODEL
+    )
 
 
 def websocket_application():

@@ -264,16 +264,18 @@ def count_refusal(reason):
     budget_exceeded_total.labels(reason=reason).inc()
 
 
-def smallest_answer_micro(budget, at=None, *, input_text_tokens=0):
+def smallest_answer_micro(budget, at=None, *, input_text_tokens=0, model=None):
     """The worst case of a first answer under ``budget``: ``input_text_tokens`` (what every
-    answer re-bills: instructions, tool schemas) at the dearest text input price, plus
-    ``max_output_tokens`` at the dearest output price known (sync: reads the price book)."""
-    rates = price_book().dearest_at(timestamp_to_datetime(time.time() if at is None else at))
+    answer re-bills: instructions, tool schemas) at the text input price, plus
+    ``max_output_tokens`` at the dearest output price, of ``model`` (default, or unknown:
+    the dearest prices known) (sync: reads the price book)."""
+    when = timestamp_to_datetime(time.time() if at is None else at)
+    book = price_book()
+    rates = book.rates_at(model, when) if model else book.dearest_at(when)
     per_output = rates.per_token_cost(rates.max_kind(OUTPUT_KINDS))
     per_input = rates.per_token_cost("text_input")
     return to_micro(
-        per_output * int(budget.max_output_tokens_per_response)
-        + per_input * int(input_text_tokens)
+        per_output * int(budget.max_output_tokens_per_response) + per_input * int(input_text_tokens)
     )
 
 
