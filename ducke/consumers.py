@@ -73,8 +73,17 @@ def send_backlog(send):
 
     ASGI gives no backpressure: daphne writes every message into Twisted's transport, which
     buffers whatever a client does not read. Under daphne, ``send`` is
-    ``partial(server.handle_reply, protocol)``; elsewhere this returns 0 (unknown).
+    ``partial(server.handle_reply, protocol)``, possibly wrapped by Channels' session
+    middleware (``AuthMiddlewareStack``: a bound ``send`` whose instance keeps ``real_send``);
+    elsewhere this returns 0 (unknown).
     """
+    for _ in range(8):  # unwrap middleware sends down to daphne's own
+        if isinstance(send, functools.partial):
+            break
+        inner = getattr(getattr(send, "__self__", None), "real_send", None)
+        if inner is None:
+            break
+        send = inner
     protocol = send.args[0] if isinstance(send, functools.partial) and send.args else None
     transport = getattr(protocol, "transport", None)
     try:

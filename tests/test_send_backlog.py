@@ -23,3 +23,12 @@ def test_unknown_servers_report_nothing():
     assert send_backlog(plain_send) == 0
     assert send_backlog(functools.partial(handle_reply, object())) == 0
     assert send_backlog(functools.partial(handle_reply, SimpleNamespace(transport=None))) == 0
+
+
+def test_sees_through_the_session_middleware_of_the_auth_stack():
+    from channels.sessions import InstanceSessionWrapper
+
+    transport = SimpleNamespace(dataBuffer=b"x" * 500, offset=0, _tempDataLen=0)
+    send = functools.partial(handle_reply, SimpleNamespace(transport=transport))
+    wrapper = InstanceSessionWrapper({"type": "websocket", "cookies": {}}, send)
+    assert send_backlog(wrapper.send) == 500
