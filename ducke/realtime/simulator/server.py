@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
@@ -97,26 +96,25 @@ class SimulatorServer:
         finally:
             await simulator.close()
 
-    def serve(self, host: str = "127.0.0.1", port: int | None = None, sock=None):
-        """The `websockets` server (an async context manager) for this endpoint."""
+    def serve(self, host: str = "127.0.0.1", port: int | None = None):
+        """The `websockets` server (an async context manager) for this endpoint; port 0
+        picks a free one (read it from the server's sockets)."""
         return serve(
             self.serve_connection,
-            host if sock is None else None,
-            (self.port if port is None else port) if sock is None else None,
-            sock=sock,
+            host,
+            self.port if port is None else port,
             process_request=self.check_handshake,
             max_size=MAX_MESSAGE_BYTES,
             compression=None,
         )
 
 
-async def run(server: SimulatorServer, host: str, port: int, fd: int | None) -> None:
+async def run(server: SimulatorServer, host: str, port: int) -> None:
     """Serve until SIGTERM or SIGINT."""
-    sock = socket.socket(fileno=fd) if fd is not None else None
     stop = asyncio.get_running_loop().create_future()
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.cancel)
-    async with server.serve(host, port, sock=sock) as ws_server:
+    async with server.serve(host, port) as ws_server:
         server.port = ws_server.sockets[0].getsockname()[1]
         print(f"simulator on {server.url} (pid {os.getpid()})", flush=True)
         try:
@@ -129,7 +127,6 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--fd", type=int, help="serve on this listening socket (inherited)")
     parser.add_argument("--pace", type=float, default=1.0, help="audio speed, 1.0 = real time")
     parser.add_argument("--stamp", action="store_true", help="x_seq / x_sent_ns on every event")
     args = parser.parse_args(argv)
@@ -140,7 +137,7 @@ def main(argv=None) -> None:
         stamp=args.stamp,
         keep_simulators=False,
     )
-    asyncio.run(run(server, args.host, args.port, args.fd))
+    asyncio.run(run(server, args.host, args.port))
 
 
 if __name__ == "__main__":
