@@ -20,7 +20,7 @@ from channels.db import database_sync_to_async
 from django.utils.translation import gettext as _
 
 from .caps import Identity
-from .clientip import client_ip
+from .clientip import configured_client_ip
 from .concurrency import SessionSlots
 from .conf import quota_settings
 from .events import record_violation
@@ -59,7 +59,7 @@ def scope_client_ip(scope):
     for name, value in scope.get("headers", ()):
         if name == b"x-forwarded-for":
             forwarded = value.decode("latin-1")
-    return client_ip(peer, forwarded, quota_settings.TRUSTED_PROXIES)
+    return configured_client_ip(peer, forwarded)
 
 
 async def refuse_websocket(receive, send, code, reason, message, retry_after):

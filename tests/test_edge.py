@@ -30,7 +30,7 @@ class CountingApp:
 @pytest.fixture
 def edge(settings, no_redis, default_policies):
     settings.ALLOWED_HOSTS = ["testserver"]
-    refusal_log._until.clear()
+    refusal_log.clear()
     inner = CountingApp(get_asgi_application())
     return RateLimitEdge(inner), inner
 
