@@ -143,8 +143,7 @@ class RefusalMemory:
         if decision.allowed or decision.engine not in _ENGINES_REMEMBERED:
             return
         if limiter is not self._limiter:
-            self._refused.clear()
-            self._limiter = limiter
+            self._forget_all(limiter)
         now = self.timer()
         refresh = float(quota_settings.POLICY_REFRESH_SECONDS)
         for state in decision.refusing:
@@ -155,7 +154,10 @@ class RefusalMemory:
 
     def recall(self, limiter, limits):
         """A refused ``Decision`` for ``limits`` from memory, or None: ask the limiter."""
-        if limiter is not self._limiter or not len(self._refused):
+        if limiter is not self._limiter:
+            self._forget_all(limiter)
+            return None
+        if not len(self._refused):
             return None
         now = self.timer()
         states = []
@@ -170,6 +172,10 @@ class RefusalMemory:
         if not states:
             return None
         return Decision(allowed=False, states=tuple(states), engine=engine)
+
+    def _forget_all(self, limiter):
+        self._refused.clear()
+        self._limiter = limiter
 
     def clear(self):
         self._refused.clear()
