@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .conf import quota_settings
+from .hash_tags import limiter_key, limiter_owner
 from .redis_client import LuaScript, fallback_mode, shared_redis
 
 
@@ -159,6 +160,7 @@ class LocalWindows:
 
 # Keys, arguments and reply of the script: quotas/lua/moving_window.lua.
 MOVING_WINDOW = LuaScript("moving_window")
+MOVING_WINDOW_UNDO = LuaScript("moving_window_undo")
 
 _member_counter = itertools.count()
 _member_prefix = f"{os.getpid()}-{os.urandom(4).hex()}-"
@@ -171,6 +173,11 @@ class RedisWindows:
     limit, and the enforced ones with the fewest hits left); for the others it is the
     window length, an upper bound. The script runs through ``SharedRedis.run``/``arun``
     (``quotas.redis_client``), which answers None while Redis is down.
+
+    On a Redis Cluster the keys carry their owner's hash tag (``quotas.hash_tags``): a hit
+    whose limits all count one owner is still one script; one with several owners runs the
+    script once per owner, and takes the hit back from the owners that admitted it when
+    another refused (``_merge``).
     """
 
     engine = "redis"
@@ -195,12 +202,16 @@ class RedisWindows:
             )
         return spec
 
-    def arguments(self, limits, now):
+    def arguments(self, limits, now, member=None):
         """Keys and ARGV of the script for one hit on ``limits`` at ``now``."""
         prefix = self._key_prefix
-        keys = [f"{prefix}{limit.key}" for limit in limits]
+        if self.link.cluster:
+            keys = [limiter_key(prefix, limit.key, True) for limit in limits]
+        else:
+            keys = [f"{prefix}{limit.key}" for limit in limits]
         now_ms = now * 1000.0
-        args = [repr(now_ms).encode(), f"{_member_prefix}{next(_member_counter)}".encode()]
+        member = member or f"{_member_prefix}{next(_member_counter)}".encode()
+        args = [repr(now_ms).encode(), member]
         for limit in limits:
             args += self._spec(limit)
             args.append(repr(now_ms - limit.window_seconds * 1000.0).encode())
@@ -222,14 +233,81 @@ class RedisWindows:
     def hit(self, limits, now=None):
         """Decide synchronously; None while Redis is down."""
         now = self.timer() if now is None else now
+        groups = self._owners(limits)
+        if groups is not None:
+            return self._hit_owners(groups, limits, now)
         reply = self.link.run(MOVING_WINDOW, *self.arguments(limits, now))
         return None if reply is None else self._decision(limits, reply)
 
     async def ahit(self, limits, now=None):
         """Decide on the running event loop; None while Redis is down."""
         now = self.timer() if now is None else now
+        groups = self._owners(limits)
+        if groups is not None:
+            return await self._ahit_owners(groups, limits, now)
         reply = await self.link.arun(MOVING_WINDOW, *self.arguments(limits, now))
         return None if reply is None else self._decision(limits, reply)
+
+    # -- a cluster hit whose limits count several owners (several hash slots) ---------------
+
+    def _owners(self, limits):
+        """Indices of ``limits`` grouped by owner when the hit spans several, else None."""
+        if not self.link.cluster:
+            return None
+        groups = {}
+        for index, limit in enumerate(limits):
+            groups.setdefault(limiter_owner(limit.key), []).append(index)
+        return list(groups.values()) if len(groups) > 1 else None
+
+    def _owner_plans(self, groups, limits, now, member):
+        """Per owner: the limits' indices, the limits, and the script's keys and ARGV (one
+        ``member`` for the whole hit, so it can be taken back)."""
+        for indices in groups:
+            group = [limits[index] for index in indices]
+            yield indices, group, *self.arguments(group, now, member)
+
+    @staticmethod
+    def _merge(limits, parts):
+        """One decision from per-owner ``(indices, decision, keys)`` parts, and the keys of
+        each owner that admitted the hit another owner refused (it must be taken back)."""
+        admitted = all(decision.allowed for _, decision, _ in parts)
+        states = [None] * len(limits)
+        undo = []
+        for indices, decision, keys in parts:
+            if decision.allowed and not admitted:
+                undo.append(keys)
+                for state in decision.states:
+                    state.hits -= 1
+                    state.admitted = False
+            for index, state in zip(indices, decision.states, strict=True):
+                states[index] = state
+        return Decision(admitted, tuple(states), "redis"), undo
+
+    def _hit_owners(self, groups, limits, now):
+        parts = []
+        member = f"{_member_prefix}{next(_member_counter)}".encode()
+        for indices, group, keys, args in self._owner_plans(groups, limits, now, member):
+            reply = self.link.run(MOVING_WINDOW, keys, args)
+            if reply is None:
+                return None
+            parts.append((indices, self._decision(group, reply), keys))
+        decision, undo = self._merge(limits, parts)
+        for keys in undo:
+            self.link.run(MOVING_WINDOW_UNDO, keys, [member])
+        return decision
+
+    async def _ahit_owners(self, groups, limits, now):
+        parts = []
+        member = f"{_member_prefix}{next(_member_counter)}".encode()
+        for indices, group, keys, args in self._owner_plans(groups, limits, now, member):
+            reply = await self.link.arun(MOVING_WINDOW, keys, args)
+            if reply is None:
+                return None
+            parts.append((indices, self._decision(group, reply), keys))
+        decision, undo = self._merge(limits, parts)
+        for keys in undo:
+            await self.link.arun(MOVING_WINDOW_UNDO, keys, [member])
+        return decision
 
     def close(self):
         """Close this thread's script connection."""

@@ -11,7 +11,11 @@ tries Redis again, so a Redis that comes back is used again without a restart.
 
 The sync path writes each command's RESP bytes itself and sends them on a connection of its
 own per thread: checking a connection out of redis-py's pool and back, and its command
-packer, cost more than a decision's script.
+packer, cost more than a decision's script. That path is for one fixed server
+(``redis://``, ``rediss://``, ``unix://``); a Sentinel-managed master
+(``redis+sentinel://``, which moves on failover) and a Redis Cluster (``redis+cluster://``)
+go through redis-py's ``Sentinel.master_for`` and ``RedisCluster`` clients
+(``quotas.redis_urls``), which find the master or the slot's node themselves.
 """
 
 import asyncio
@@ -29,6 +33,7 @@ import redis.asyncio.retry
 import redis.retry
 from redis.backoff import NoBackoff
 
+from . import redis_urls
 from .conf import quota_settings
 from .metrics import redis_available
 
@@ -96,6 +101,11 @@ class SharedRedis:
 
     def __init__(self, url, *, timeout=None, retry_seconds=None, timer=time.monotonic):
         self.url = url
+        self.target = redis_urls.parse_redis_url(url)
+        self.cluster = self.target.is_cluster
+        # The packed fast path talks to one fixed server; a Sentinel master moves and a
+        # cluster spreads, so those go through redis-py's client (``_client_execute``).
+        self._packed = self.target.kind == redis_urls.SINGLE
         self.timeout = (
             timeout if timeout is not None else float(quota_settings.REDIS_TIMEOUT_SECONDS)
         )
@@ -133,7 +143,8 @@ class SharedRedis:
         if self._sync is None:
             with self._lock:
                 if self._sync is None:
-                    self._sync = redis.Redis.from_url(self.url, **self._options(redis.retry.Retry))
+                    options = self._options(redis.retry.Retry)
+                    self._sync = redis_urls.sync_client(self.target, **options)
         return self._sync
 
     @property
@@ -142,9 +153,8 @@ class SharedRedis:
         loop = asyncio.get_running_loop()
         client = self._async_by_loop.get(loop)
         if client is None:
-            client = redis.asyncio.Redis.from_url(
-                self.url, **self._options(redis.asyncio.retry.Retry)
-            )
+            options = self._options(redis.asyncio.retry.Retry)
+            client = redis_urls.async_client(self.target, **options)
             self._async_by_loop[loop] = client
         return client
 
@@ -207,6 +217,8 @@ class SharedRedis:
 
     def execute(self, script, keys, args):
         """Run ``script`` (sync); raises a Redis error when Redis does not answer."""
+        if not self._packed:
+            return self._client_execute(script, keys, args)
         packed = script.pack(keys, args)
         try:
             return self._send(packed)
@@ -218,6 +230,17 @@ class SharedRedis:
             # tells whether Redis is really gone (refused connects fail fast). Should the first
             # reply have been lost after the script ran, it counts twice: the safe direction.
             return self._send(packed)
+
+    def _client_execute(self, script, keys, args):
+        # Sentinel: the client's pool asks the sentinels for the master on each new
+        # connection. Cluster: the client routes by the keys' slot (one hash tag per script,
+        # so one node) and follows MOVED/ASK; SCRIPT LOAD goes to every primary.
+        client = self.client
+        try:
+            return client.evalsha(script.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            client.script_load(script.source)
+            return client.evalsha(script.sha, len(keys), *keys, *args)
 
     async def aexecute(self, script, keys, args):
         """Run ``script`` on the running event loop; raises a Redis error when Redis does not
