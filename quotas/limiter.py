@@ -160,7 +160,6 @@ class LocalWindows:
 
 # Keys, arguments and reply of the script: quotas/lua/moving_window.lua.
 MOVING_WINDOW = LuaScript("moving_window")
-MOVING_WINDOW_UNDO = LuaScript("moving_window_undo")
 
 _member_counter = itertools.count()
 _member_prefix = f"{os.getpid()}-{os.urandom(4).hex()}-"
@@ -177,7 +176,7 @@ class RedisWindows:
     On a Redis Cluster the keys carry their owner's hash tag (``quotas.hash_tags``): a hit
     whose limits all count one owner is still one script; one with several owners runs the
     script once per owner, and takes the hit back from the owners that admitted it when
-    another refused (``_merge``).
+    another refused (the script's ``undo`` mode).
     """
 
     engine = "redis"
@@ -267,47 +266,50 @@ class RedisWindows:
             yield indices, group, *self.arguments(group, now, member)
 
     @staticmethod
-    def _merge(limits, parts):
-        """One decision from per-owner ``(indices, decision, keys)`` parts, and the keys of
-        each owner that admitted the hit another owner refused (it must be taken back)."""
-        admitted = all(decision.allowed for _, decision, _ in parts)
+    def _merged(limits, parts):
+        """One decision from per-owner ``(indices, decision)`` parts."""
         states = [None] * len(limits)
-        undo = []
-        for indices, decision, keys in parts:
-            if decision.allowed and not admitted:
-                undo.append(keys)
-                for state in decision.states:
-                    state.hits -= 1
-                    state.admitted = False
+        for indices, decision in parts:
             for index, state in zip(indices, decision.states, strict=True):
                 states[index] = state
-        return Decision(admitted, tuple(states), "redis"), undo
+        allowed = all(decision.allowed for _, decision in parts)
+        return Decision(allowed, tuple(states), "redis")
 
     def _hit_owners(self, groups, limits, now):
-        parts = []
+        parts, plans = [], []
         member = f"{_member_prefix}{next(_member_counter)}".encode()
         for indices, group, keys, args in self._owner_plans(groups, limits, now, member):
             reply = self.link.run(MOVING_WINDOW, keys, args)
             if reply is None:
                 return None
-            parts.append((indices, self._decision(group, reply), keys))
-        decision, undo = self._merge(limits, parts)
-        for keys in undo:
-            self.link.run(MOVING_WINDOW_UNDO, keys, [member])
-        return decision
+            parts.append((indices, self._decision(group, reply)))
+            plans.append((group, keys, args))
+        if not all(decision.allowed for _, decision in parts):
+            for number, (group, keys, args) in enumerate(plans):
+                if parts[number][1].allowed:
+                    reply = self.link.run(MOVING_WINDOW, keys, [*args, b"undo"])
+                    if reply is None:
+                        return None
+                    parts[number] = (parts[number][0], self._decision(group, reply))
+        return self._merged(limits, parts)
 
     async def _ahit_owners(self, groups, limits, now):
-        parts = []
+        parts, plans = [], []
         member = f"{_member_prefix}{next(_member_counter)}".encode()
         for indices, group, keys, args in self._owner_plans(groups, limits, now, member):
             reply = await self.link.arun(MOVING_WINDOW, keys, args)
             if reply is None:
                 return None
-            parts.append((indices, self._decision(group, reply), keys))
-        decision, undo = self._merge(limits, parts)
-        for keys in undo:
-            await self.link.arun(MOVING_WINDOW_UNDO, keys, [member])
-        return decision
+            parts.append((indices, self._decision(group, reply)))
+            plans.append((group, keys, args))
+        if not all(decision.allowed for _, decision in parts):
+            for number, (group, keys, args) in enumerate(plans):
+                if parts[number][1].allowed:
+                    reply = await self.link.arun(MOVING_WINDOW, keys, [*args, b"undo"])
+                    if reply is None:
+                        return None
+                    parts[number] = (parts[number][0], self._decision(group, reply))
+        return self._merged(limits, parts)
 
     def close(self):
         """Close this thread's script connection."""

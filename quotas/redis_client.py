@@ -68,10 +68,14 @@ def _encode(value):
     return repr(value).encode()
 
 
+_SCRIPTS = []  # every LuaScript of the process (preloaded on a cluster's nodes)
+
+
 class LuaScript:
     """A Lua script of ``quotas/lua/``, run by SHA through ``SharedRedis.run``/``arun``."""
 
     def __init__(self, name):
+        _SCRIPTS.append(self)
         self.name = name
         self.source = (LUA_DIR / f"{name}.lua").read_text()
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
@@ -121,6 +125,7 @@ class SharedRedis:
         self._lock = threading.Lock()
         self._sync = None
         self._async_by_loop = weakref.WeakKeyDictionary()
+        self._cluster_ready = weakref.WeakKeyDictionary()  # loop -> asyncio.Lock, then True
         self._listeners = []
         self._local = threading.local()
 
@@ -246,11 +251,29 @@ class SharedRedis:
         """Run ``script`` on the running event loop; raises a Redis error when Redis does not
         answer. The asyncio client handles a task cancelled mid-reply."""
         client = self.async_client
+        if self.cluster and self._cluster_ready.get(asyncio.get_running_loop()) is not True:
+            await self._aprepare_cluster(client)
         try:
             return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
             await client.script_load(script.source)
             return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    async def _aprepare_cluster(self, client):
+        # A new asyncio cluster client learns the slot map and loads every script once, before
+        # the first calls of a burst: hundreds of first calls at once would each load scripts
+        # and refresh the map, and redis-py's asyncio cluster client then loses replies.
+        loop = asyncio.get_running_loop()
+        lock = self._cluster_ready.setdefault(loop, asyncio.Lock())
+        if lock is True:
+            return
+        async with lock:
+            if self._cluster_ready.get(loop) is True:
+                return
+            await client.initialize()
+            for script in list(_SCRIPTS):
+                await client.script_load(script.source)
+            self._cluster_ready[loop] = True
 
     def run(self, script, keys, args):
         """The script's reply (sync), or None while Redis is down (marked here)."""

@@ -85,9 +85,9 @@ def _host_port(text, default_port, scheme):
     if not text:
         raise RedisUrlError(f"{scheme}:// URL has an empty host in its host list")
     if text.startswith("["):  # [IPv6]:port
-        host, _, rest = text[1:].partition("]")
+        host, bracket, rest = text[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ""
-        if rest and not rest.startswith(":"):
+        if not bracket or (rest and not rest.startswith(":")):
             raise RedisUrlError(f"{scheme}:// URL has a malformed IPv6 host {text!r}")
     else:
         host, _, port_text = text.partition(":")
