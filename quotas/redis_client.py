@@ -15,7 +15,9 @@ packer, cost more than a decision's script. That path is for one fixed server
 (``redis://``, ``rediss://``, ``unix://``); a Sentinel-managed master
 (``redis+sentinel://``, which moves on failover) and a Redis Cluster (``redis+cluster://``)
 go through redis-py's ``Sentinel.master_for`` and ``RedisCluster`` clients
-(``quotas.redis_urls``), which find the master or the slot's node themselves.
+(``quotas.redis_urls``), which find the master or the slot's node themselves; on a cluster the
+sync path still sends the packed command itself to the node redis-py's slot map names
+(``quotas.cluster_scripts``).
 """
 
 import asyncio
@@ -34,6 +36,7 @@ import redis.retry
 from redis.backoff import NoBackoff
 
 from . import redis_urls
+from .cluster_scripts import ClusterScripts
 from .conf import quota_settings
 from .metrics import redis_available
 
@@ -126,6 +129,7 @@ class SharedRedis:
         self._sync = None
         self._async_by_loop = weakref.WeakKeyDictionary()
         self._cluster_ready = weakref.WeakKeyDictionary()  # loop -> asyncio.Lock, then True
+        self._cluster_scripts = None
         self._listeners = []
         self._local = threading.local()
 
@@ -237,9 +241,13 @@ class SharedRedis:
             return self._send(packed)
 
     def _client_execute(self, script, keys, args):
-        # Sentinel: the client's pool asks the sentinels for the master on each new
-        # connection. Cluster: the client routes by the keys' slot (one hash tag per script,
-        # so one node) and follows MOVED/ASK; SCRIPT LOAD goes to every primary.
+        # Cluster: the node of the keys' slot (one hash tag per script), by redis-py's slot
+        # map (``quotas.cluster_scripts``). Sentinel: the client's pool asks the sentinels
+        # for the master on each new connection.
+        if self.cluster:
+            if self._cluster_scripts is None:
+                self._cluster_scripts = ClusterScripts(self.client)
+            return self._cluster_scripts.execute(script, keys, args)
         client = self.client
         try:
             return client.evalsha(script.sha, len(keys), *keys, *args)
@@ -304,6 +312,8 @@ class SharedRedis:
         connection = getattr(self._local, "connection", None)
         if connection is not None:
             connection.disconnect()
+        if self._cluster_scripts is not None:
+            self._cluster_scripts.close()
 
     def ping(self):
         """True when Redis answers now (also updates the state)."""

@@ -221,3 +221,19 @@ async def test_session_slots_are_shared_on_the_cluster(redis_cluster, settings, 
         await b.release(client, "t2")
         assert await a.acquire(client, "t3", 2)
         assert await a.acquire(client, "t1", 2)  # a refresh of a held slot
+
+
+def test_scripts_flushed_on_every_node_are_loaded_again(redis_cluster, redis_prefix):
+    """As after a node restart: NOSCRIPT on the packed path loads the script on every primary."""
+    limiter = RateLimiter(link=SharedRedis(redis_cluster.url), fail_mode="closed")
+    limiter.redis._key_prefix = f"{redis_prefix}:rl:"
+    assert limiter.hit(three_rules("10.4.0.1")).engine == "redis"
+    for node in redis_cluster.nodes:
+        client = node.client()
+        try:
+            client.script_flush()
+        finally:
+            client.close()
+    for i in range(10):
+        decision = limiter.hit(three_rules(f"10.4.0.{i + 2}"))
+        assert decision.engine == "redis" and decision.allowed
