@@ -20,6 +20,7 @@ import time
 import uuid
 
 import pytest
+from redis.crc import key_slot
 
 from quotas.caps import Identity
 from quotas.limiter import Limit, RateLimiter, RedisWindows
@@ -36,6 +37,9 @@ ROUNDS = 10
 PER_ROUND = 400
 WARMUP = 300
 TARGET = "<= 1.3"
+# The same decisions on the cluster with only clients whose keys live on one node: what the
+# cluster path costs when the server answering is as busy (and as warm) as the single one.
+ONE_NODE = "decision, 3 rules, cluster, clients of one node"
 
 
 @pytest.fixture
@@ -75,14 +79,29 @@ def interleaved(contenders):
     return figures
 
 
-def decision(url, prefix):
+def decision(url, prefix, clients=None):
+    """A 3-rule decision per call; ``clients``: only these client numbers (else all)."""
     windows = RedisWindows(SharedRedis(url), prefix=prefix)
 
     def call(i):
-        result = windows.hit(our_limits(i))
+        result = windows.hit(our_limits(clients[i % len(clients)] if clients else i))
         return result is not None and result.allowed
 
     return call
+
+
+def clients_on_one_node(url, prefix):
+    """Client numbers whose limiter keys all live on the node of client 0's keys."""
+    link = SharedRedis(url)
+    windows = RedisWindows(link, prefix=prefix)
+    nodes = link.client.nodes_manager
+
+    def node_of(i):
+        key = windows.arguments(our_limits(i), 0.0)[0][0]
+        return nodes.get_node_from_slot(key_slot(key.encode())).name
+
+    first = node_of(0)
+    return [i for i in range(3000) if node_of(i) == first][:1000]
 
 
 def reservation(url, prefix):
@@ -112,6 +131,7 @@ def test_cluster_against_single_redis(single_and_cluster, bench_report):
         {
             "decision, 3 rules, single Redis": decision(single, prefix),
             "decision, 3 rules, 3-master cluster": decision(cluster, prefix),
+            ONE_NODE: decision(cluster, prefix, clients_on_one_node(cluster, prefix)),
             "reservation, 6 caps, single Redis": reservation(single, prefix),
             "reservation, 6 caps, 3-master cluster": reservation(cluster, prefix),
         }
@@ -124,8 +144,10 @@ def test_cluster_against_single_redis(single_and_cluster, bench_report):
         figures["reservation, 6 caps, 3-master cluster"][0]
         / figures["reservation, 6 caps, single Redis"][0]
     )
+    one_node = figures[ONE_NODE][0] / figures["decision, 3 rules, single Redis"][0]
     ratios = [
         ("decision p50: cluster / single", decisions, TARGET),
+        ("decision p50: cluster, clients of one node / single", one_node, "(info)"),
         ("reservation p50: cluster / single", reservations, TARGET),
     ]
     print_table(
