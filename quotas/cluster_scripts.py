@@ -26,6 +26,15 @@ _REROUTE = (
 )
 
 
+def evalsha(client, script, keys, args):
+    """``script`` through a redis-py client (sync), loaded first when the server lacks it."""
+    try:
+        return client.evalsha(script.sha, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        client.script_load(script.source)
+        return client.evalsha(script.sha, len(keys), *keys, *args)
+
+
 class ClusterScripts:
     """``execute(script, keys, args)`` on the node of the keys' slot."""
 
@@ -63,12 +72,7 @@ class ClusterScripts:
         return self._through_client(script, keys, args)
 
     def _through_client(self, script, keys, args):
-        client = self.client
-        try:
-            return client.evalsha(script.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            client.script_load(script.source)
-            return client.evalsha(script.sha, len(keys), *keys, *args)
+        return evalsha(self.client, script, keys, args)
 
     def close(self):
         """Close this thread's node connections."""

@@ -275,41 +275,41 @@ class RedisWindows:
         allowed = all(decision.allowed for _, decision in parts)
         return Decision(allowed, tuple(states), "redis")
 
-    def _hit_owners(self, groups, limits, now):
-        parts, plans = [], []
+    def _owner_calls(self, groups, limits, now):
+        """The script calls of a hit over several owners, as a generator: it yields
+        ``(keys, args)``, is sent each reply, and returns the decision."""
         member = f"{_member_prefix}{next(_member_counter)}".encode()
+        parts, plans = [], []
         for indices, group, keys, args in self._owner_plans(groups, limits, now, member):
-            reply = self.link.run(MOVING_WINDOW, keys, args)
-            if reply is None:
-                return None
+            reply = yield keys, args
             parts.append((indices, self._decision(group, reply)))
             plans.append((group, keys, args))
         if not all(decision.allowed for _, decision in parts):
             for number, (group, keys, args) in enumerate(plans):
-                if parts[number][1].allowed:
-                    reply = self.link.run(MOVING_WINDOW, keys, [*args, b"undo"])
-                    if reply is None:
-                        return None
+                if parts[number][1].allowed:  # another owner refused: take the hit back
+                    reply = yield keys, [*args, b"undo"]
                     parts[number] = (parts[number][0], self._decision(group, reply))
         return self._merged(limits, parts)
 
+    def _hit_owners(self, groups, limits, now):
+        calls, reply = self._owner_calls(groups, limits, now), None
+        try:
+            while True:
+                reply = self.link.run(MOVING_WINDOW, *calls.send(reply))
+                if reply is None:
+                    return None
+        except StopIteration as done:
+            return done.value
+
     async def _ahit_owners(self, groups, limits, now):
-        parts, plans = [], []
-        member = f"{_member_prefix}{next(_member_counter)}".encode()
-        for indices, group, keys, args in self._owner_plans(groups, limits, now, member):
-            reply = await self.link.arun(MOVING_WINDOW, keys, args)
-            if reply is None:
-                return None
-            parts.append((indices, self._decision(group, reply)))
-            plans.append((group, keys, args))
-        if not all(decision.allowed for _, decision in parts):
-            for number, (group, keys, args) in enumerate(plans):
-                if parts[number][1].allowed:
-                    reply = await self.link.arun(MOVING_WINDOW, keys, [*args, b"undo"])
-                    if reply is None:
-                        return None
-                    parts[number] = (parts[number][0], self._decision(group, reply))
-        return self._merged(limits, parts)
+        calls, reply = self._owner_calls(groups, limits, now), None
+        try:
+            while True:
+                reply = await self.link.arun(MOVING_WINDOW, *calls.send(reply))
+                if reply is None:
+                    return None
+        except StopIteration as done:
+            return done.value
 
     def close(self):
         """Close this thread's script connection."""

@@ -36,7 +36,7 @@ import redis.retry
 from redis.backoff import NoBackoff
 
 from . import redis_urls
-from .cluster_scripts import ClusterScripts
+from .cluster_scripts import ClusterScripts, evalsha
 from .conf import quota_settings
 from .metrics import redis_available
 
@@ -248,12 +248,7 @@ class SharedRedis:
             if self._cluster_scripts is None:
                 self._cluster_scripts = ClusterScripts(self.client)
             return self._cluster_scripts.execute(script, keys, args)
-        client = self.client
-        try:
-            return client.evalsha(script.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            client.script_load(script.source)
-            return client.evalsha(script.sha, len(keys), *keys, *args)
+        return evalsha(self.client, script, keys, args)
 
     async def aexecute(self, script, keys, args):
         """Run ``script`` on the running event loop; raises a Redis error when Redis does not
