@@ -13,6 +13,13 @@ from urllib.parse import urlsplit
 
 import environ
 
+from ducke.redis_config import (
+    cache_settings,
+    channel_layer_settings,
+    quota_redis_url,
+    shared_redis_url,
+)
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -204,42 +211,9 @@ if DATABASES["default"].get("ENGINE") not in _ENGINES:
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 
-def _redis_url(name):
-    raw = env.str(name, default="").strip()
-    if not raw:
-        return ""
-    parts = urlsplit(raw)
-    if parts.scheme not in {"redis", "rediss", "unix"}:
-        raise ValueError(f"scheme must be redis://, rediss:// or unix://, got {parts.scheme!r}")
-    if parts.scheme != "unix" and not parts.hostname:
-        raise ValueError("missing host")
-    parts.port  # noqa: B018 - raises ValueError for a malformed port
-    return raw
-
-
-REDIS_URL = _read("REDIS_URL", lambda name, default: _redis_url(name), "")
-
-if REDIS_URL:
-    CACHES = {
-        "default": {
-            "BACKEND": "django_redis.cache.RedisCache",
-            "LOCATION": REDIS_URL,
-            "OPTIONS": {
-                "SOCKET_CONNECT_TIMEOUT": 1,
-                "SOCKET_TIMEOUT": 1,
-                "IGNORE_EXCEPTIONS": True,
-            },
-        }
-    }
-    CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
-        }
-    }
-else:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+REDIS_URL = _read("REDIS_URL", lambda name, default: shared_redis_url(env.str(name, "")), "")
+CACHES = cache_settings(REDIS_URL)
+CHANNEL_LAYERS = channel_layer_settings(REDIS_URL)
 DJANGO_REDIS_LOG_IGNORED_EXCEPTIONS = True
 
 # Admin login lockout (django-axes, ducke/login_lockout.py). Axes' standalone backend comes
@@ -292,7 +266,12 @@ QUOTAS_FAIL_MODE = env.str("QUOTAS_FAIL_MODE", default="local").strip().lower()
 QUOTAS_TRUSTED_PROXIES = env.str("QUOTAS_TRUSTED_PROXIES", default="")
 QUOTAS_IPV6_PREFIX = _read("QUOTAS_IPV6_PREFIX", _int, 64)
 QUOTAS_IPV4_PREFIX = _read("QUOTAS_IPV4_PREFIX", _int, 32)
-QUOTAS_REDIS_URL = REDIS_URL
+# The quota counters: REDIS_URL unless QUOTAS_REDIS_URL names another (a cluster, say).
+QUOTAS_REDIS_URL = _read(
+    "QUOTAS_REDIS_URL",
+    lambda name, default: quota_redis_url(env.str(name, ""), REDIS_URL),
+    REDIS_URL,
+)
 # Secrets of DUCK-E's own that alerts must never show.
 QUOTAS_REDACT_SETTINGS = ("OPENAI_API_KEY", "DUCKE_METRICS_TOKEN")
 # Rules, spend limits and prices a fresh install starts with (quotas.defaults).

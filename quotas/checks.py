@@ -1,12 +1,11 @@
 """System checks for the quotas settings (ids quotas.E### for errors, quotas.W### warnings)."""
 
-from urllib.parse import urlsplit
-
 from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
 
 from .clientip import MAX_PREFIX, parse_prefix, parse_trusted_proxies
 from .conf import FAIL_MODES, default, quota_settings
+from .redis_urls import RedisUrlError, parse_redis_url
 
 MIDDLEWARE_PATH = "quotas.middleware.RateLimitMiddleware"
 
@@ -47,14 +46,19 @@ def check_settings(app_configs, **kwargs):
                 )
             )
     url = quota_settings.REDIS_URL
-    if url and urlsplit(url).scheme not in {"redis", "rediss", "unix"}:
-        messages.append(
-            Error(
-                "QUOTAS_REDIS_URL (REDIS_URL) must start with redis://, rediss:// or unix://.",
-                hint="For TLS use rediss://; a password goes in the URL: redis://:secret@host:6379/0.",
-                id="quotas.E003",
+    if url:
+        try:
+            parse_redis_url(url)
+        except RedisUrlError as exc:
+            messages.append(
+                Error(
+                    f"QUOTAS_REDIS_URL (REDIS_URL) is malformed: {exc}.",
+                    hint="Use redis://[:password@]host:6379/0 (rediss:// for TLS), "
+                    "redis+sentinel://host1:26379,host2:26379/<master>/<db> or "
+                    "redis+cluster://host1:6379,host2:6379.",
+                    id="quotas.E003",
+                )
             )
-        )
     for name in (
         "POLICY_REFRESH_SECONDS",
         "REDIS_RETRY_SECONDS",

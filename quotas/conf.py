@@ -12,7 +12,10 @@ QUOTAS_IPV6_PREFIX        leading bits of an IPv6 address that make one client, 
                           (1-128): every address of a /64 shares its limits and spend;
                           128 -> each address is a client of its own.
 QUOTAS_IPV4_PREFIX        the same for IPv4, default 32 (1-32): each address on its own.
-QUOTAS_REDIS_URL          redis://, rediss:// or unix:// URL; empty -> in-process counters.
+QUOTAS_REDIS_URL          redis://, rediss:// or unix:// URL, a Sentinel master
+                          (redis+sentinel://h1:26379,h2:26379/<master>/<db>) or a Redis
+                          Cluster (redis+cluster://h1:p,h2:p); see quotas.redis_urls.
+                          Empty -> in-process counters.
 QUOTAS_KEY_PREFIX         prefix of every Redis key, default "quotas".
 QUOTAS_POLICY_REFRESH_SECONDS  how often a process checks for policy edits, default 0.5.
 QUOTAS_REDIS_RETRY_SECONDS     how long an unavailable Redis is left alone, default 1.0.

@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .conf import quota_settings
+from .hash_tags import limiter_key, limiter_owner
 from .redis_client import LuaScript, fallback_mode, shared_redis
 
 
@@ -171,6 +172,11 @@ class RedisWindows:
     limit, and the enforced ones with the fewest hits left); for the others it is the
     window length, an upper bound. The script runs through ``SharedRedis.run``/``arun``
     (``quotas.redis_client``), which answers None while Redis is down.
+
+    On a Redis Cluster the keys carry their owner's hash tag (``quotas.hash_tags``): a hit
+    whose limits all count one owner is still one script; one with several owners runs the
+    script once per owner, and takes the hit back from the owners that admitted it when
+    another refused (the script's ``undo`` mode).
     """
 
     engine = "redis"
@@ -195,12 +201,16 @@ class RedisWindows:
             )
         return spec
 
-    def arguments(self, limits, now):
+    def arguments(self, limits, now, member=None):
         """Keys and ARGV of the script for one hit on ``limits`` at ``now``."""
         prefix = self._key_prefix
-        keys = [f"{prefix}{limit.key}" for limit in limits]
+        if self.link.cluster:
+            keys = [limiter_key(prefix, limit.key, True) for limit in limits]
+        else:
+            keys = [f"{prefix}{limit.key}" for limit in limits]
         now_ms = now * 1000.0
-        args = [repr(now_ms).encode(), f"{_member_prefix}{next(_member_counter)}".encode()]
+        member = member or f"{_member_prefix}{next(_member_counter)}".encode()
+        args = [repr(now_ms).encode(), member]
         for limit in limits:
             args += self._spec(limit)
             args.append(repr(now_ms - limit.window_seconds * 1000.0).encode())
@@ -222,14 +232,84 @@ class RedisWindows:
     def hit(self, limits, now=None):
         """Decide synchronously; None while Redis is down."""
         now = self.timer() if now is None else now
+        groups = self._owners(limits)
+        if groups is not None:
+            return self._hit_owners(groups, limits, now)
         reply = self.link.run(MOVING_WINDOW, *self.arguments(limits, now))
         return None if reply is None else self._decision(limits, reply)
 
     async def ahit(self, limits, now=None):
         """Decide on the running event loop; None while Redis is down."""
         now = self.timer() if now is None else now
+        groups = self._owners(limits)
+        if groups is not None:
+            return await self._ahit_owners(groups, limits, now)
         reply = await self.link.arun(MOVING_WINDOW, *self.arguments(limits, now))
         return None if reply is None else self._decision(limits, reply)
+
+    # -- a cluster hit whose limits count several owners (several hash slots) ---------------
+
+    def _owners(self, limits):
+        """Indices of ``limits`` grouped by owner when the hit spans several, else None."""
+        if not self.link.cluster:
+            return None
+        groups = {}
+        for index, limit in enumerate(limits):
+            groups.setdefault(limiter_owner(limit.key), []).append(index)
+        return list(groups.values()) if len(groups) > 1 else None
+
+    def _owner_plans(self, groups, limits, now, member):
+        """Per owner: the limits' indices, the limits, and the script's keys and ARGV (one
+        ``member`` for the whole hit, so it can be taken back)."""
+        for indices in groups:
+            group = [limits[index] for index in indices]
+            yield indices, group, *self.arguments(group, now, member)
+
+    @staticmethod
+    def _merged(limits, parts):
+        """One decision from per-owner ``(indices, decision)`` parts."""
+        states = [None] * len(limits)
+        for indices, decision in parts:
+            for index, state in zip(indices, decision.states, strict=True):
+                states[index] = state
+        allowed = all(decision.allowed for _, decision in parts)
+        return Decision(allowed, tuple(states), "redis")
+
+    def _owner_calls(self, groups, limits, now):
+        """The script calls of a hit over several owners, as a generator: it yields
+        ``(keys, args)``, is sent each reply, and returns the decision."""
+        member = f"{_member_prefix}{next(_member_counter)}".encode()
+        parts, plans = [], []
+        for indices, group, keys, args in self._owner_plans(groups, limits, now, member):
+            reply = yield keys, args
+            parts.append((indices, self._decision(group, reply)))
+            plans.append((group, keys, args))
+        if not all(decision.allowed for _, decision in parts):
+            for number, (group, keys, args) in enumerate(plans):
+                if parts[number][1].allowed:  # another owner refused: take the hit back
+                    reply = yield keys, [*args, b"undo"]
+                    parts[number] = (parts[number][0], self._decision(group, reply))
+        return self._merged(limits, parts)
+
+    def _hit_owners(self, groups, limits, now):
+        calls, reply = self._owner_calls(groups, limits, now), None
+        try:
+            while True:
+                reply = self.link.run(MOVING_WINDOW, *calls.send(reply))
+                if reply is None:
+                    return None
+        except StopIteration as done:
+            return done.value
+
+    async def _ahit_owners(self, groups, limits, now):
+        calls, reply = self._owner_calls(groups, limits, now), None
+        try:
+            while True:
+                reply = await self.link.arun(MOVING_WINDOW, *calls.send(reply))
+                if reply is None:
+                    return None
+        except StopIteration as done:
+            return done.value
 
     def close(self):
         """Close this thread's script connection."""

@@ -11,7 +11,13 @@ tries Redis again, so a Redis that comes back is used again without a restart.
 
 The sync path writes each command's RESP bytes itself and sends them on a connection of its
 own per thread: checking a connection out of redis-py's pool and back, and its command
-packer, cost more than a decision's script.
+packer, cost more than a decision's script. That path is for one fixed server
+(``redis://``, ``rediss://``, ``unix://``); a Sentinel-managed master
+(``redis+sentinel://``, which moves on failover) and a Redis Cluster (``redis+cluster://``)
+go through redis-py's ``Sentinel.master_for`` and ``RedisCluster`` clients
+(``quotas.redis_urls``), which find the master or the slot's node themselves; on a cluster the
+sync path still sends the packed command itself to the node redis-py's slot map names
+(``quotas.cluster_scripts``).
 """
 
 import asyncio
@@ -29,6 +35,8 @@ import redis.asyncio.retry
 import redis.retry
 from redis.backoff import NoBackoff
 
+from . import redis_urls
+from .cluster_scripts import ClusterScripts, evalsha
 from .conf import quota_settings
 from .metrics import redis_available
 
@@ -63,10 +71,14 @@ def _encode(value):
     return repr(value).encode()
 
 
+_SCRIPTS = []  # every LuaScript of the process (preloaded on a cluster's nodes)
+
+
 class LuaScript:
     """A Lua script of ``quotas/lua/``, run by SHA through ``SharedRedis.run``/``arun``."""
 
     def __init__(self, name):
+        _SCRIPTS.append(self)
         self.name = name
         self.source = (LUA_DIR / f"{name}.lua").read_text()
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
@@ -96,6 +108,11 @@ class SharedRedis:
 
     def __init__(self, url, *, timeout=None, retry_seconds=None, timer=time.monotonic):
         self.url = url
+        self.target = redis_urls.parse_redis_url(url)
+        self.cluster = self.target.is_cluster
+        # The packed fast path talks to one fixed server; a Sentinel master moves and a
+        # cluster spreads, so those go through redis-py's client (``_client_execute``).
+        self._packed = self.target.kind == redis_urls.SINGLE
         self.timeout = (
             timeout if timeout is not None else float(quota_settings.REDIS_TIMEOUT_SECONDS)
         )
@@ -111,6 +128,8 @@ class SharedRedis:
         self._lock = threading.Lock()
         self._sync = None
         self._async_by_loop = weakref.WeakKeyDictionary()
+        self._cluster_ready = weakref.WeakKeyDictionary()  # loop -> asyncio.Lock, then True
+        self._cluster_scripts = None
         self._listeners = []
         self._local = threading.local()
 
@@ -133,7 +152,8 @@ class SharedRedis:
         if self._sync is None:
             with self._lock:
                 if self._sync is None:
-                    self._sync = redis.Redis.from_url(self.url, **self._options(redis.retry.Retry))
+                    options = self._options(redis.retry.Retry)
+                    self._sync = redis_urls.sync_client(self.target, **options)
         return self._sync
 
     @property
@@ -142,9 +162,8 @@ class SharedRedis:
         loop = asyncio.get_running_loop()
         client = self._async_by_loop.get(loop)
         if client is None:
-            client = redis.asyncio.Redis.from_url(
-                self.url, **self._options(redis.asyncio.retry.Retry)
-            )
+            options = self._options(redis.asyncio.retry.Retry)
+            client = redis_urls.async_client(self.target, **options)
             self._async_by_loop[loop] = client
         return client
 
@@ -207,6 +226,8 @@ class SharedRedis:
 
     def execute(self, script, keys, args):
         """Run ``script`` (sync); raises a Redis error when Redis does not answer."""
+        if not self._packed:
+            return self._client_execute(script, keys, args)
         packed = script.pack(keys, args)
         try:
             return self._send(packed)
@@ -219,15 +240,43 @@ class SharedRedis:
             # reply have been lost after the script ran, it counts twice: the safe direction.
             return self._send(packed)
 
+    def _client_execute(self, script, keys, args):
+        # Cluster: the node of the keys' slot (one hash tag per script), by redis-py's slot
+        # map (``quotas.cluster_scripts``). Sentinel: the client's pool asks the sentinels
+        # for the master on each new connection.
+        if self.cluster:
+            if self._cluster_scripts is None:
+                self._cluster_scripts = ClusterScripts(self.client)
+            return self._cluster_scripts.execute(script, keys, args)
+        return evalsha(self.client, script, keys, args)
+
     async def aexecute(self, script, keys, args):
         """Run ``script`` on the running event loop; raises a Redis error when Redis does not
         answer. The asyncio client handles a task cancelled mid-reply."""
         client = self.async_client
+        if self.cluster and self._cluster_ready.get(asyncio.get_running_loop()) is not True:
+            await self._aprepare_cluster(client)
         try:
             return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
             await client.script_load(script.source)
             return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    async def _aprepare_cluster(self, client):
+        # A new asyncio cluster client learns the slot map and loads every script once, before
+        # the first calls of a burst: hundreds of first calls at once would each load scripts
+        # and refresh the map, and redis-py's asyncio cluster client then loses replies.
+        loop = asyncio.get_running_loop()
+        lock = self._cluster_ready.setdefault(loop, asyncio.Lock())
+        if lock is True:
+            return
+        async with lock:
+            if self._cluster_ready.get(loop) is True:
+                return
+            await client.initialize()
+            for script in list(_SCRIPTS):
+                await client.script_load(script.source)
+            self._cluster_ready[loop] = True
 
     def run(self, script, keys, args):
         """The script's reply (sync), or None while Redis is down (marked here)."""
@@ -258,6 +307,8 @@ class SharedRedis:
         connection = getattr(self._local, "connection", None)
         if connection is not None:
             connection.disconnect()
+        if self._cluster_scripts is not None:
+            self._cluster_scripts.close()
 
     def ping(self):
         """True when Redis answers now (also updates the state)."""

@@ -66,6 +66,7 @@ from .breaker import (  # noqa: F401 (the breaker's names, re-exported for calle
 from .caps import HOUR_SECONDS, HOURLY, SESSION, CapSet, Identity, hourly_cap, session_cap
 from .caps import spend_caps as build_caps
 from .conf import quota_settings
+from .hash_tags import spend_prefix
 from .metrics import circuit_breaker_open, hourly_cost_usd
 from .notifications import spend_notifier
 from .pricing import MICRO_PER_USD, from_micro, timestamp_to_datetime, to_micro
@@ -440,7 +441,10 @@ class SpendCounters:
 
     @property
     def prefix(self):
-        return self._prefix or quota_settings.KEY_PREFIX
+        """The prefix of every spend key; on a Redis Cluster it carries the one hash tag
+        that every spend key shares (``quotas.hash_tags``)."""
+        cluster = self.link is not None and self.link.cluster
+        return spend_prefix(self._prefix or quota_settings.KEY_PREFIX, cluster)
 
     @property
     def fail_mode(self):

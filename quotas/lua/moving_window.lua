@@ -4,20 +4,26 @@
 -- floor (now - window, ms): hits at or before it have left the window.
 -- Returns "admitted hits_1 reset_us_1 hits_2 reset_us_2 ..." (integers, space-separated;
 -- reset -1: not computed, see RedisWindows).
+-- An optional last ARGV 'undo' takes the hit with this member back and answers as for a
+-- refused hit (a Redis Cluster decides a request whose rules count several owners per
+-- owner, and one owner's refusal undoes the others').
 -- Why this shape: every Lua number passed to redis.call is formatted with %.17g and parsed
 -- again, which costs more than the command itself, so times travel as the client's strings;
 -- and one bulk string is far cheaper for redis-py's pure-Python parser than an array.
 
 local counts, limits = {}, {}
 local admitted = 1
+local undo = ARGV[#KEYS * 5 + 3] == 'undo'
 for i = 1, #KEYS do
   local base = (i - 1) * 5 + 2
+  if undo then redis.call('ZREM', KEYS[i], ARGV[2]) end
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[base + 5])
   local count = redis.call('ZCARD', KEYS[i])
   local limit = tonumber(ARGV[base + 1])
   counts[i], limits[i] = count, limit
   if ARGV[base + 4] == '1' and count >= limit then admitted = 0 end
 end
+if undo then admitted = 0 end
 -- Only the limits that shape the answer need their reset time: those at or over their
 -- limit, and the enforced ones with the fewest hits left (the RateLimit-* headers).
 local least = math.huge
