@@ -89,6 +89,9 @@ PROJECTION_HORIZON_SECONDS = 1
 _OUTPUT_TOKENS_PER_BYTE = Decimal(OUTPUT_AUDIO_TOKENS_PER_SECOND) / PCM16_BYTES_PER_SECOND
 _INPUT_TOKENS_PER_BYTE = Decimal(INPUT_AUDIO_TOKENS_PER_SECOND) / PCM16_BYTES_PER_SECOND
 _CENTS = Decimal("0.01")
+# A session keeps its caps between decisions for at most this long (and never past a calendar
+# period's end): only a calendar counter's key lifetime depends on the time it was built at.
+CAPS_MAX_AGE_SECONDS = 60
 
 
 @dataclass
@@ -236,6 +239,7 @@ class _Booking:
     counts: object
     rates: object
     session_cost: Decimal | None = None
+    state: object = None  # the counters' decision taken with the write (not yet observed)
 
 
 _CURRENT = object()  # charge_response: the meter's current reservation, if it matches
@@ -323,6 +327,7 @@ class SessionMeter:
         self._cost = Decimal(0)
         self._hour_usd = Decimal(0)
         self._state = None  # the latest spend decision (status, warnings)
+        self._caps = None  # (budget, limits, session id, built at, valid until, CapSet)
         self._sent = set()
         self._rates = None
         # The running response's projection.
@@ -358,12 +363,27 @@ class SessionMeter:
         """Count from now on against these caps (policy edits reach running sessions)."""
         self.budget = budget
         self.limits = tuple(limits)
+        self._caps = None
 
     def caps(self, at=None):
-        """The caps this session's money counts against now."""
-        return self.counters.caps_for(
-            self.budget, self.identity, limits=self.limits, session_id=self.session_id, at=at
+        """The caps this session's money counts against now (kept between decisions while
+        the policy, the period and the minute are the same)."""
+        now = self.counters.timer() if at is None else at
+        kept = self._caps
+        if (
+            kept is not None
+            and kept[0] is self.budget
+            and kept[1] == self.limits
+            and kept[2] == self.session_id
+            and kept[3] <= now < kept[4]
+        ):
+            return kept[5]
+        caps = self.counters.caps_for(
+            self.budget, self.identity, limits=self.limits, session_id=self.session_id, at=now
         )
+        until = min([now + CAPS_MAX_AGE_SECONDS, *(cap.resets_at for cap in caps if cap.resets_at)])
+        self._caps = (self.budget, self.limits, self.session_id, now, until, caps)
+        return caps
 
     @database_sync_to_async
     def _create_session(self, started_at):
@@ -526,9 +546,8 @@ class SessionMeter:
             pending_input_bytes=self._pending_input_bytes,
             pending_text_tokens=self._pending_text_tokens,
         )
-        state = await self.counters.areserve(
-            self.caps(at), micro, reservation.member, self.budget, at=at
-        )
+        state, written = await self._reserve_and_book(reservation, self.caps(at), at)
+        state = self.counters.observe(state, self.budget, "reserve", at)
         self._state = state
         self._hour_usd = state.hour_usd
         if not state.allowed:
@@ -543,16 +562,36 @@ class SessionMeter:
             return admission
         self.reservation = reservation
         self._limit_room = self._room_beyond(state)
-        try:
-            reservation.record_id = await self._book_provisional(reservation, at)
-        except Exception as exc:
+        if isinstance(written, Exception):
             # The hold counts in the counters already; its ledger row is written when the
             # response settles (the database may be back by then). The answer goes on.
             logger.warning(
                 "provisional usage not written yet (%s); it is written at settlement",
-                exc.__class__.__name__,
+                written.__class__.__name__,
             )
+        else:
+            reservation.record_id = written
         return Admission(True, state=state)
+
+    @database_sync_to_async
+    def _reserve_and_book(self, reservation, caps, at):
+        """The hold on every cap, then (held) its provisional row, in one worker-thread call:
+        (the unobserved decision, the row's id or the exception that kept it unwritten)."""
+        state = self.counters.decide(
+            "reserve",
+            caps,
+            self.budget,
+            amount=reservation.micro,
+            add=reservation.member,
+            at=at,
+            observe=False,
+        )
+        if not state.allowed:
+            return state, None
+        try:
+            return state, self._write_provisional(reservation, at)
+        except Exception as exc:  # reported by the caller; the hold stands
+            return state, exc
 
     def take_reservation(self, response_id=None):
         """The hold a finished response ran under (and no longer the meter's current one),
@@ -594,6 +633,10 @@ class SessionMeter:
 
     @database_sync_to_async
     def _book_provisional(self, reservation, at):
+        """Write a hold's provisional row (its id) when the reservation could not."""
+        return self._write_provisional(reservation, at)
+
+    def _write_provisional(self, reservation, at):
         from ..models import UsageRecord
 
         tokens = reservation.counts.as_dict()
@@ -642,7 +685,8 @@ class SessionMeter:
 
     @database_sync_to_async
     def _settle_provisional(self, reservation, reference, counts_of, at):
-        """Replace the provisional record by the exact usage, in place (sync; idempotent)."""
+        """Replace the provisional record by the exact usage, in place, then settle the
+        counters (idempotent: a replay changes neither and answers None)."""
         from ..models import UsageRecord
 
         when = timestamp_to_datetime(at)
@@ -681,7 +725,20 @@ class SessionMeter:
                     _add_to_session_totals(self.session_id, cost - reservation.cost, delta)
         if not updated:
             return None
-        return _Booking(reservation.record_id, cost, counts, rates)
+        # The ledger first (a crash from here on keeps the exact row), then the counters swap
+        # the hold for the exact cost in the same worker-thread call.
+        micro = to_micro(cost)
+        state = self.counters.decide(
+            "settle",
+            self.caps(at),
+            self.budget,
+            amount=micro,
+            add=entry_member(micro, reservation.record_id),
+            remove=reservation.member,
+            at=at,
+            observe=False,
+        )
+        return _Booking(reservation.record_id, cost, counts, rates, state=state)
 
     # -- charging -------------------------------------------------------------------------------
 
@@ -739,6 +796,24 @@ class SessionMeter:
 
     @database_sync_to_async
     def _book(self, kind, reference, model, counts_of, at, per_call=0):
+        """Book plainly, then (booked, not a replay) charge the counters, in one
+        worker-thread call; the decision is observed by the caller."""
+        booking = self._write_booking(kind, reference, model, counts_of, at, per_call)
+        if booking.record_id is None:
+            return booking
+        micro = to_micro(booking.cost)
+        state = self.counters.decide(
+            "charge",
+            self.caps(at),
+            self.budget,
+            amount=micro,
+            add=entry_member(micro, booking.record_id),
+            at=at,
+            observe=False,
+        )
+        return _replace(booking, state=state)
+
+    def _write_booking(self, kind, reference, model, counts_of, at, per_call=0):
         from ..models import QuotaSession, UsageRecord
 
         when = timestamp_to_datetime(at)
@@ -813,15 +888,7 @@ class SessionMeter:
             return self._outcome(None, booked=False, state=None, at=at), None
         self._count_booking(booking, "response", reference)
         self._cost += booking.cost
-        micro = to_micro(booking.cost)
-        state = await self.counters.asettle(
-            self.caps(at),
-            reservation.member,
-            micro,
-            entry_member(micro, booking.record_id),
-            self.budget,
-            at=at,
-        )
+        state = self.counters.observe(booking.state, self.budget, "settle", at)
         await self._after_decision(state, at)
         return self._outcome(booking, booked=True, state=state, at=at), booking.counts
 
@@ -836,15 +903,7 @@ class SessionMeter:
             return self._outcome(booking, booked=False, state=None, at=at), None
         self._count_booking(booking, kind, reference)
         self._cost += booking.cost
-        micro = to_micro(booking.cost)
-        state = await self.counters.acharge(
-            self.session_id,
-            micro,
-            self.budget,
-            member=entry_member(micro, booking.record_id),
-            at=at,
-            caps=self.caps(at),
-        )
+        state = self.counters.observe(booking.state, self.budget, "charge", at)
         await self._after_decision(state, at)
         return self._outcome(booking, booked=True, state=state, at=at), booking.counts
 
