@@ -8,7 +8,6 @@ from channels.layers import get_channel_layer
 from django.core.management import call_command
 from django.db.models import Sum
 
-from quotas import spend as spend_module
 from quotas.defaults import SHEET_EPOCH
 from quotas.metrics import active_sessions_total, api_cost_total_usd, budget_exceeded_total
 from quotas.models import ModelPrice, QuotaSession, UsageRecord
@@ -20,28 +19,13 @@ from quotas.realtime.usage import usage_token_counts
 from quotas.redis_client import SharedRedis
 from quotas.spend import BREAKER_EVENT, BREAKER_GROUP, SpendCounters
 from quotas.testing import aread
+from tests.fixtures.spend import T0, Clock
 
-T0 = 1_800_000_000.0
 PER_M = Decimal(1_000_000)
 # Fresh-install sheet: gpt-realtime costs 100 $/1M for every input kind, 200 $/1M for output.
 IN_RATE, OUT_RATE = Decimal(100), Decimal(200)
 ONE_SECOND_OF_OUTPUT = 20 * OUT_RATE / PER_M  # 20 audio tokens per second of output: $0.004
 DELTA_BYTES = 4_800  # 0.1 s of pcm16 at 24 kHz
-
-
-class Clock:
-    def __init__(self, now=T0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-
-@pytest.fixture(autouse=True)
-def fresh_spend_counters():
-    spend_module.reset_spend_counters()
-    yield
-    spend_module.reset_spend_counters()
 
 
 @pytest.fixture

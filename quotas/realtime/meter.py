@@ -118,33 +118,85 @@ class DurationCheck:
     close_code: int | None = None
 
 
-def _add_to_session_totals(session_id, cost, tokens):
-    """``F()``-style increment of a session's cost and token totals, as one prepared UPDATE.
+# The ledger's statements written by hand (``_ledger_sql``), built once per database vendor.
+_LEDGER_SQL = {}
+_SESSION_TOTALS = ("cost_usd", *TOKEN_KINDS)  # the session's columns each booking adds to
+_BOOKED_COLUMNS = (
+    "session_id",
+    "kind",
+    "model",
+    "response_id",
+    *TOKEN_KINDS,
+    "cost_usd",
+    "unknown_model",
+    "estimated",
+    "created_at",
+)
+_SETTLED_COLUMNS = ("response_id", "cost_usd", "unknown_model", "estimated", "created_at")
 
-    The same statement as ``filter(pk=...).update(cost_usd=F("cost_usd") + cost, ...)``,
-    written once: compiling seven F() expressions per booking cost more than the write.
+
+def _ledger_sql(name):
+    """One of the ledger's hand-written statements for this connection's database:
+
+    - ``add``     the session's cost and token totals ``+= %s`` (one prepared UPDATE: the
+                  same as ``update(cost_usd=F("cost_usd") + cost, ...)``, whose seven F()
+                  expressions cost more to compile than the write)
+    - ``book``    PostgreSQL: insert a record and, if it was new, ``add`` it, in ONE statement
+    - ``settle``  PostgreSQL: replace a provisional record and, if it was still provisional,
+                  ``add`` the difference, in ONE statement
     """
+    statements = _LEDGER_SQL.get(connection.vendor)
+    if statements is None:
+        statements = _LEDGER_SQL[connection.vendor] = _build_ledger_sql()
+    return statements[name]
+
+
+def _build_ledger_sql():
+    from ..models import QuotaSession, UsageRecord
+
+    quote = connection.ops.quote_name
+
+    def names(columns):
+        return ", ".join(quote(column) for column in columns)
+
+    records = quote(UsageRecord._meta.db_table)
+    record_pk = quote(UsageRecord._meta.pk.column)
+    session_pk = quote(QuotaSession._meta.pk.column)
+    add = (
+        f"UPDATE {quote(QuotaSession._meta.db_table)} SET "
+        + ", ".join(f"{quote(c)} = {quote(c)} + %s" for c in _SESSION_TOTALS)
+        + f" WHERE {session_pk} = %s"
+    )
+    settled = ", ".join(f"{quote(c)} = %s" for c in (*_SETTLED_COLUMNS, *TOKEN_KINDS))
+    return {
+        "add": add,
+        "book": (
+            f"WITH ins AS (INSERT INTO {records} ({names(_BOOKED_COLUMNS)}) "
+            f"VALUES ({', '.join(['%s'] * len(_BOOKED_COLUMNS))}) "
+            f"ON CONFLICT ({names(('session_id', 'response_id'))}) DO NOTHING "
+            f"RETURNING {record_pk}), "
+            f"upd AS ({add} AND EXISTS (SELECT 1 FROM ins) RETURNING 1) "
+            f"SELECT {record_pk} FROM ins"
+        ),
+        "settle": (
+            f"WITH rec AS (UPDATE {records} SET {settled} "
+            f"WHERE {record_pk} = %s AND {quote('estimated')} RETURNING {record_pk}), "
+            f"upd AS ({add} AND EXISTS (SELECT 1 FROM rec) RETURNING 1) "
+            f"SELECT {record_pk} FROM rec"
+        ),
+    }
+
+
+def _add_to_session_totals(session_id, cost, tokens):
+    """Add ``cost`` and ``tokens`` to a session's totals (the ``add`` statement)."""
     from ..models import QuotaSession
 
     meta = QuotaSession._meta
-    quote = connection.ops.quote_name
-    sql = _UPDATE_SQL.get(connection.vendor)
-    if sql is None:
-        columns = ("cost_usd", *TOKEN_KINDS)
-        assignments = ", ".join(f"{quote(c)} = {quote(c)} + %s" for c in columns)
-        sql = _UPDATE_SQL[connection.vendor] = (
-            f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {quote(meta.pk.column)} = %s"
-        )
     params = [meta.get_field("cost_usd").get_db_prep_value(cost, connection)]
     params += [tokens[kind] for kind in TOKEN_KINDS]
     params.append(meta.pk.get_db_prep_value(uuid.UUID(str(session_id)), connection))
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-
-
-_UPDATE_SQL = {}
-_BOOK_SQL = {}
-_SETTLE_SQL = {}
+        cursor.execute(_ledger_sql("add"), params)
 
 
 def _book_in_one_statement(
@@ -156,40 +208,12 @@ def _book_in_one_statement(
     no-op, and the UPDATE runs only when the INSERT did; one round trip and one commit
     instead of four. Returns the new record's id, or None for a replay.
     """
-    from ..models import QuotaSession, UsageRecord
-
-    sql = _BOOK_SQL.get("postgresql")
-    if sql is None:
-        quote = connection.ops.quote_name
-        record_columns = (
-            "session_id",
-            "kind",
-            "model",
-            "response_id",
-            *TOKEN_KINDS,
-            "cost_usd",
-            "unknown_model",
-            "estimated",
-            "created_at",
-        )
-        session_columns = ("cost_usd", *TOKEN_KINDS)
-        sql = _BOOK_SQL["postgresql"] = (
-            f"WITH ins AS (INSERT INTO {quote(UsageRecord._meta.db_table)} "
-            f"({', '.join(quote(c) for c in record_columns)}) "
-            f"VALUES ({', '.join(['%s'] * len(record_columns))}) "
-            f"ON CONFLICT ({quote('session_id')}, {quote('response_id')}) DO NOTHING "
-            f"RETURNING {quote('id')}), "
-            f"upd AS (UPDATE {quote(QuotaSession._meta.db_table)} SET "
-            + ", ".join(f"{quote(c)} = {quote(c)} + %s" for c in session_columns)
-            + f" WHERE {quote('id')} = %s AND EXISTS (SELECT 1 FROM ins) RETURNING 1) "
-            f"SELECT {quote('id')} FROM ins"
-        )
     session_uuid = uuid.UUID(str(session_id))
     counts = [tokens[kind_] for kind_ in TOKEN_KINDS]
     params = [session_uuid, kind, model, reference, *counts, cost, unknown, estimated, when]
     params += [cost, *counts, session_uuid]
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(_ledger_sql("book"), params)
         row = cursor.fetchone()
     return row[0] if row else None
 
@@ -202,33 +226,10 @@ def _settle_in_one_statement(record_id, session_id, reference, tokens, cost, unk
     record did, so a replayed settlement changes nothing; one round trip and one commit
     instead of four. Returns whether the record was settled.
     """
-    from ..models import QuotaSession, UsageRecord
-
-    sql = _SETTLE_SQL.get("postgresql")
-    if sql is None:
-        quote = connection.ops.quote_name
-        record_columns = (
-            "response_id",
-            "cost_usd",
-            "unknown_model",
-            "estimated",
-            "created_at",
-            *TOKEN_KINDS,
-        )
-        session_columns = ("cost_usd", *TOKEN_KINDS)
-        sql = _SETTLE_SQL["postgresql"] = (
-            f"WITH rec AS (UPDATE {quote(UsageRecord._meta.db_table)} SET "
-            + ", ".join(f"{quote(c)} = %s" for c in record_columns)
-            + f" WHERE {quote('id')} = %s AND {quote('estimated')} RETURNING {quote('id')}), "
-            f"upd AS (UPDATE {quote(QuotaSession._meta.db_table)} SET "
-            + ", ".join(f"{quote(c)} = {quote(c)} + %s" for c in session_columns)
-            + f" WHERE {quote('id')} = %s AND EXISTS (SELECT 1 FROM rec) RETURNING 1) "
-            f"SELECT {quote('id')} FROM rec"
-        )
     params = [reference, cost, unknown, False, when, *(tokens[kind] for kind in TOKEN_KINDS)]
     params += [record_id, *delta, uuid.UUID(str(session_id))]
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(_ledger_sql("settle"), params)
         return cursor.fetchone() is not None
 
 
