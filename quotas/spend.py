@@ -470,7 +470,8 @@ class SpendCounters:
             identity,
             now,
             prefix=self.prefix,
-            tz=quota_settings.budget_timezone,
+            # Only calendar periods need the zone (looking it up costs more than the caps).
+            tz=quota_settings.budget_timezone if limits else None,
             session_id=session_id,
         )
 
@@ -500,34 +501,33 @@ class SpendCounters:
     @staticmethod
     def _parse(reply, caps, engine):
         # The script answers one string of fields; the twin a list of the same fields.
-        fields = reply.split() if isinstance(reply, bytes | str) else reply
+        fields = reply.split() if type(reply) is bytes else reply
         n = len(caps)
-        allowed, refused, retry, state, tripped, until_ms, before, added = fields[:8]
+        members = caps.caps
         totals = [int(value) for value in fields[8 : 8 + n]]
-        if isinstance(state, bytes):
+        flags = [int(value) for value in fields[8 + n : 8 + 2 * n]]
+        state, before = fields[3], fields[6]
+        if type(state) is bytes:
             state, before = state.decode(), before.decode()
-        refused = int(refused)
+        refused = int(fields[1])
         session = caps.index(SESSION)
         hour = caps.index(HOURLY)
-        members = caps.caps
         return SpendState(
             session_micro=totals[session] if session >= 0 else 0,
             hour_micro=totals[hour] if hour >= 0 else 0,
             breaker=state,
-            tripped=int(tripped) == 1,
-            breaker_until=int(until_ms) / 1000.0,
-            added=int(added) == 1,
-            retry_seconds=max(0, int(retry)) / 1000.0,
+            tripped=int(fields[4]) == 1,
+            breaker_until=int(fields[5]) / 1000.0,
+            added=int(fields[7]) == 1,
+            retry_seconds=max(0, int(fields[2])) / 1000.0,
             engine=engine,
             breaker_before=before,
-            allowed=int(allowed) == 1,
+            allowed=int(fields[0]) == 1,
             refused=members[refused - 1] if refused > 0 else None,
             totals=tuple(zip(members, totals, strict=True)),
-            over=tuple(
-                cap
-                for cap, flag in zip(members, fields[8 + n : 8 + 2 * n], strict=True)
-                if int(flag)
-            ),
+            over=tuple(cap for cap, flag in zip(members, flags, strict=True) if flag)
+            if any(flags)
+            else (),
         )
 
     def _local_decide(self, op, caps, budget, amount, add_member, remove_member, now):
