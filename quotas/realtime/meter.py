@@ -328,7 +328,8 @@ class SessionMeter:
         self._cost = Decimal(0)
         self._hour_usd = Decimal(0)
         self._state = None  # the latest spend decision (status, warnings)
-        self._caps = None  # (budget, limits, session id, built at, valid until, CapSet)
+        # (budget, limits, session id, built at, valid until, CapSet, identity)
+        self._caps = None
         self._sent = set()
         self._rates = None
         # The running response's projection.
@@ -377,13 +378,14 @@ class SessionMeter:
             and kept[1] == self.limits
             and kept[2] == self.session_id
             and kept[3] <= now < kept[4]
+            and kept[6] is self.identity
         ):
             return kept[5]
         caps = self.counters.caps_for(
             self.budget, self.identity, limits=self.limits, session_id=self.session_id, at=now
         )
         until = min([now + CAPS_MAX_AGE_SECONDS, *(cap.resets_at for cap in caps if cap.resets_at)])
-        self._caps = (self.budget, self.limits, self.session_id, now, until, caps)
+        self._caps = (self.budget, self.limits, self.session_id, now, until, caps, self.identity)
         return caps
 
     @database_sync_to_async
