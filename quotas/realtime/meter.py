@@ -14,9 +14,15 @@ and one commit.
 
 Other usage (transcriptions, tools, a response without a hold) is booked plainly: insert the
 ``UsageRecord`` (unique per session and response id: the idempotency key) and update the
-session's totals in one transaction, then one round trip to the spend counters. The ledger
+session's totals in one transaction, then one decision of the spend counters. The ledger
 is written before the counters change, so a Redis outage loses nothing: the counters are
 rebuilt from it later.
+
+Each hold (with its provisional row), settlement and booking is ONE worker-thread call
+(``database_sync_to_async``) holding the ledger write and the counters' decision (the sync
+Redis path: one round trip); the decision is observed (gauges, alerts, the breaker's
+broadcast) back on the event loop. A session keeps its ``CapSet`` between decisions while
+its policy, its calendar periods and the minute are the same.
 
 Close codes and events are ``quotas.protocol``'s. Passing the hourly cap does not end a
 running session by itself; its next reservation is refused.
