@@ -44,7 +44,7 @@ for c = 1, n do total_keys[c] = KEYS[2 * c + 1] end
 local stored_raw = n > 0 and redis.call('MGET', unpack(total_keys)) or {}
 for c = 1, n do
   -- ttl and resets stay strings until used (few decisions need them as numbers)
-  local w, cp, t, sh, rs = string.match(ARGV[8 + c], '^(%d+) (%d+) (%d+) (%d) (%d+)$')
+  local w, cp, t, sh, rs = string.match(ARGV[8 + c], '^(-?%d+) (-?%d+) (%d+) (%d) (%d+)$')
   window[c], cap[c], ttl[c], shadow[c], resets[c] = tonumber(w), tonumber(cp), t, sh == '1', rs
   local entries = KEYS[2 * c]
   stored[c] = tonumber(stored_raw[c] or '0')
