@@ -76,6 +76,16 @@ class CapSet:
     """The caps of one decision, in refusal order; the breaker watches ``hourly``."""
 
     caps: tuple
+    _positions: dict = field(init=False, repr=False, compare=False, hash=False)
+    # What an engine derives from these caps once (e.g. the spend script's arguments), so a
+    # CapSet kept for many decisions (a session's) is encoded once.
+    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self):
+        positions = {}
+        for position, cap in enumerate(self.caps):
+            positions.setdefault(cap.name, position)
+        object.__setattr__(self, "_positions", positions)
 
     def __iter__(self):
         return iter(self.caps)
@@ -85,10 +95,7 @@ class CapSet:
 
     def index(self, name):
         """The position of the cap called ``name`` (-1 when absent)."""
-        for position, cap in enumerate(self.caps):
-            if cap.name == name:
-                return position
-        return -1
+        return self._positions.get(name, -1)
 
 
 def applicable_limits(limits, identity):

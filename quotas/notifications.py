@@ -120,6 +120,8 @@ class SpendNotifier:
 
     def _breaker(self, state, budget, now):
         before, after = state.breaker_before, state.breaker
+        if before == after and not state.tripped:
+            return  # the common case: no transition to record
         common = {
             "hour_cost_usd": state.hour_usd,
             "threshold_usd": budget.breaker_threshold_usd,

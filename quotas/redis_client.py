@@ -95,9 +95,11 @@ class LuaScript:
                 + _bulk(self.sha.encode())
                 + _bulk(b"%d" % len(keys))
             )
-        return b"".join(
-            [head, *(_bulk(_encode(k)) for k in keys), *(_bulk(_encode(a)) for a in args)]
-        )
+        parts = [head]
+        for item in (*keys, *args):
+            data = item.encode() if type(item) is str else _encode(item)
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        return b"".join(parts)
 
     def __repr__(self):
         return f"LuaScript({self.name!r})"

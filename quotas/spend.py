@@ -63,7 +63,7 @@ from .breaker import (  # noqa: F401 (the breaker's names, re-exported for calle
     OPEN,
     broadcast_breaker_open,
 )
-from .caps import HOUR_SECONDS, HOURLY, SESSION, CapSet, Identity, hourly_cap, session_cap
+from .caps import HOUR_SECONDS, HOURLY, SESSION, Identity, hourly_cap, session_cap
 from .caps import spend_caps as build_caps
 from .conf import quota_settings
 from .hash_tags import spend_prefix
@@ -423,6 +423,18 @@ def ledger_entries(now, snapshot, prefix, tz):
 # -- the engine ---------------------------------------------------------------------------------
 
 
+def _cap_plan(caps):
+    """The keys and per-counter arguments of ``lua/spend.lua`` for ``caps`` (kept with them)."""
+    keys, args = [], []
+    for cap in caps:
+        keys += (cap.key, cap.total_key)
+        resets = _ms(cap.resets_at) if cap.resets_at else 0
+        shadow = 1 if cap.shadow else 0
+        args.append(f"{cap.window_ms} {cap.cap_micro} {cap.ttl_seconds} {shadow} {resets}")
+    plan = caps.derived["spend"] = (tuple(keys), tuple(args))
+    return plan
+
+
 class SpendCounters:
     """Spend decisions on Redis when up, else in process; one per process (``spend_counters``)."""
 
@@ -462,27 +474,21 @@ class SpendCounters:
             identity,
             now,
             prefix=self.prefix,
-            tz=quota_settings.budget_timezone,
+            # Only calendar periods need the zone (looking it up costs more than the caps).
+            tz=quota_settings.budget_timezone if limits else None,
             session_id=session_id,
         )
 
     def default_caps(self, budget, session_id=None):
         """The session (when given) and the rolling hour: decisions that know no identity."""
-        return self._legacy_caps(budget, session_id, None)
-
-    def _legacy_caps(self, budget, session_id, at):
-        """The session (when given) and the rolling hour: decisions that know no identity."""
-        caps = [hourly_cap(budget, prefix=self.prefix)]
-        if session_id is not None:
-            caps.insert(0, session_cap(budget, session_id, prefix=self.prefix))
-        return CapSet(tuple(caps))
+        return self.caps_for(budget, session_id=session_id)
 
     # -- one decision: plan, parse, and the single I/O call ------------------------------------
 
     def _plan(self, op, caps, budget, amount, add_member, remove_member, now):
         if op not in OPS:
             raise ValueError(f"unknown spend operation {op!r}")
-        keys = [f"{self.prefix}:spend:breaker"]
+        counter_keys, cap_args = caps.derived.get("spend") or _cap_plan(caps)
         args = [
             op,
             now,
@@ -492,45 +498,40 @@ class SpendCounters:
             to_micro(budget.breaker_threshold_usd),
             int(budget.breaker_cooldown_seconds) * 1000,
             caps.index(HOURLY) + 1,
-            len(caps),
+            *cap_args,
         ]
-        for cap in caps:
-            keys += [cap.key, cap.total_key]
-            args += [
-                cap.window_ms,
-                cap.cap_micro,
-                cap.ttl_seconds,
-                1 if cap.shadow else 0,
-                _ms(cap.resets_at) if cap.resets_at else 0,
-            ]
-        return keys, args
+        return [f"{self.prefix}:spend:breaker", *counter_keys], args
 
     @staticmethod
     def _parse(reply, caps, engine):
+        # The script answers one string of fields; the twin a list of the same fields.
+        fields = reply.split() if type(reply) is bytes else reply
         n = len(caps)
-        allowed, refused, retry, state, tripped, until_ms, before, added = reply[:8]
-        totals = [int(value) for value in reply[8 : 8 + n]]
-        over = [int(value) for value in reply[8 + n : 8 + 2 * n]]
-        state = state.decode() if isinstance(state, bytes) else state
-        before = before.decode() if isinstance(before, bytes) else before
-        refused = int(refused)
-        pairs = tuple(zip(caps, totals, strict=True))
+        members = caps.caps
+        totals = [int(value) for value in fields[8 : 8 + n]]
+        flags = [int(value) for value in fields[8 + n : 8 + 2 * n]]
+        state, before = fields[3], fields[6]
+        if type(state) is bytes:
+            state, before = state.decode(), before.decode()
+        refused = int(fields[1])
         session = caps.index(SESSION)
         hour = caps.index(HOURLY)
         return SpendState(
             session_micro=totals[session] if session >= 0 else 0,
             hour_micro=totals[hour] if hour >= 0 else 0,
             breaker=state,
-            tripped=bool(int(tripped)),
-            breaker_until=int(until_ms) / 1000.0,
-            added=bool(int(added)),
-            retry_seconds=max(0, int(retry)) / 1000.0,
+            tripped=int(fields[4]) == 1,
+            breaker_until=int(fields[5]) / 1000.0,
+            added=int(fields[7]) == 1,
+            retry_seconds=max(0, int(fields[2])) / 1000.0,
             engine=engine,
             breaker_before=before,
-            allowed=bool(int(allowed)),
-            refused=caps.caps[refused - 1] if refused > 0 else None,
-            totals=pairs,
-            over=tuple(cap for cap, flag in zip(caps, over, strict=True) if flag),
+            allowed=int(fields[0]) == 1,
+            refused=members[refused - 1] if refused > 0 else None,
+            totals=tuple(zip(members, totals, strict=True)),
+            over=tuple(cap for cap, flag in zip(members, flags, strict=True) if flag)
+            if any(flags)
+            else (),
         )
 
     def _local_decide(self, op, caps, budget, amount, add_member, remove_member, now):
@@ -546,15 +547,21 @@ class SpendCounters:
         )
         return self._parse(reply, caps, "local")
 
-    def decide(self, op, caps, budget, *, amount=0, add=None, remove=None, at=None):
-        """One spend decision (sync); see the module docstring for ``op``."""
+    def decide(self, op, caps, budget, *, amount=0, add=None, remove=None, at=None, observe=True):
+        """One spend decision (sync); see the module docstring for ``op``.
+
+        ``observe=False``: the caller hands the state to ``observe()`` itself (a decision
+        taken in a worker thread is observed back on the event loop, where alerts queue)."""
         now = _ms(self.timer() if at is None else at)
+        state = None
         if self.link is not None:
             reply = self.link.run(SPEND, *self._plan(op, caps, budget, amount, add, remove, now))
             if reply is not None:
-                return self._redis_state(reply, caps, budget, now, op)
-        self._seed_local()
-        return self._local_state(op, caps, budget, amount, add, remove, now)
+                state = self._redis_state(reply, caps)
+        if state is None:
+            self._seed_local()
+            state = self._local_state(op, caps, budget, amount, add, remove, now)
+        return self._observe(state, budget, now, op) if observe else state
 
     async def adecide(self, op, caps, budget, *, amount=0, add=None, remove=None, at=None):
         """``decide()`` for async callers: the Redis call does not block the event loop."""
@@ -563,18 +570,24 @@ class SpendCounters:
             plan = self._plan(op, caps, budget, amount, add, remove, now)
             reply = await self.link.arun(SPEND, *plan)
             if reply is not None:
-                return self._redis_state(reply, caps, budget, now, op)
+                return self._observe(self._redis_state(reply, caps), budget, now, op)
         if self.ledger and not self._local_seeded:
             await database_sync_to_async(self._seed_local)()
-        return self._local_state(op, caps, budget, amount, add, remove, now)
+        state = self._local_state(op, caps, budget, amount, add, remove, now)
+        return self._observe(state, budget, now, op)
 
-    def _redis_state(self, reply, caps, budget, now, op):
+    def observe(self, state, budget, op, at):
+        """Record what a ``decide(..., observe=False)`` at ``at`` found (gauges, breaker
+        transitions, alerts); returns ``state``."""
+        return self._observe(state, budget, _ms(at), op)
+
+    def _redis_state(self, reply, caps):
         self._local_seeded = False  # the next stretch of local use seeds the twin anew
-        return self._observe(self._parse(reply, caps, "redis"), budget, now, op)
+        return self._parse(reply, caps, "redis")
 
     def _local_state(self, op, caps, budget, amount, add, remove, now):
         state = self._local_decide(self._local_op(op), caps, budget, amount, add, remove, now)
-        return self._observe(self._fallback(state, op), budget, now, op)
+        return self._fallback(state, op)
 
     def _fails_over(self, op):
         return op in ("admit", "reserve") and self.link is not None and self.fail_mode != "local"
@@ -627,13 +640,13 @@ class SpendCounters:
 
     async def acharge(self, session_id, amount_micro, budget, *, member=None, at=None, caps=None):
         """Add ``amount_micro`` to the session, the rolling hour (and ``caps``)."""
-        caps = caps or self._legacy_caps(budget, session_id, at)
+        caps = caps or self.default_caps(budget, session_id)
         member = member or entry_member(amount_micro, uuid.uuid4().hex)
         return await self.adecide("charge", caps, budget, amount=amount_micro, add=member, at=at)
 
     def read(self, budget, session_id=None):
         """Totals and breaker state without charging (sync)."""
-        return self.decide("read", self._legacy_caps(budget, session_id, None), budget)
+        return self.decide("read", self.default_caps(budget, session_id), budget)
 
     def _admission(self, state):
         if state.allowed:
@@ -649,7 +662,7 @@ class SpendCounters:
 
     async def aadmit(self, budget, caps=None, *, room_micro=0):
         """May a new session start? Refusals carry the cap's reason and retry_after."""
-        caps = caps or self._legacy_caps(budget, None, None)
+        caps = caps or self.default_caps(budget)
         return self._admission(await self.adecide("admit", caps, budget, amount=room_micro))
 
     def admission_of(self, state):
@@ -758,7 +771,7 @@ class SpendCounters:
                     return None
             if cap.name == HOURLY:
                 hour_total = int(total)
-        state = self.decide("read", self._legacy_caps(snapshot.budget, None, None), snapshot.budget)
+        state = self.decide("read", self.default_caps(snapshot.budget), snapshot.budget)
         logger.warning(
             "spend counters rebuilt from the ledger: %d counters, $%s in the hour",
             len(entries),

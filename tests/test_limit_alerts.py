@@ -9,13 +9,12 @@ import pytest
 from quotas import alerts, testing
 from quotas.caps import Identity
 from quotas.policies import BudgetSpec, SpendLimitSpec
-from quotas.redis_client import SharedRedis
 from quotas.spend import SpendCounters, entry_member
 from quotas.testing import reserve, settle
 from tests.fixtures.ledger import quiet_events  # noqa: F401
+from tests.fixtures.spend import T0, Clock, engine  # noqa: F401
 from tests.fixtures.webhook_receiver import webhook_receiver_fixture  # noqa: F401
 
-T0 = 1_800_000_000.0  # 2027-01-15 08:00 UTC (09:00 in Paris), on a whole hour
 USD = 1_000_000
 CLIENT = "203.0.113.9"
 BUDGET = BudgetSpec(
@@ -34,24 +33,6 @@ EVERYONE_HOUR = SpendLimitSpec(
     "everyone-hour", "global", Decimal("10.00"), "rolling", 3600, alert_at_percent=50
 )
 WATCH = SpendLimitSpec("watch", "client", Decimal("0.10"), "rolling", 60, shadow=True)
-
-
-class Clock:
-    def __init__(self, now=T0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-
-@pytest.fixture(params=["local", "redis"])
-def engine(request):
-    """A factory of counters on the in-process twin or on a real Redis (the Lua script)."""
-    if request.param == "local":
-        return lambda clock: SpendCounters(None, timer=clock, ledger=False)
-    url = request.getfixturevalue("redis_url")
-    prefix = request.getfixturevalue("redis_prefix")
-    return lambda clock: SpendCounters(SharedRedis(url), timer=clock, prefix=prefix, ledger=False)
 
 
 @pytest.fixture

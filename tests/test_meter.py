@@ -1,6 +1,7 @@
 """SessionMeter: warnings, caps, projection, exactly-once booking, ledger totals, admin."""
 
 import asyncio
+import zoneinfo
 from decimal import Decimal
 
 import pytest
@@ -8,11 +9,11 @@ from channels.layers import get_channel_layer
 from django.core.management import call_command
 from django.db.models import Sum
 
-from quotas import spend as spend_module
+from quotas.caps import period_bounds
 from quotas.defaults import SHEET_EPOCH
 from quotas.metrics import active_sessions_total, api_cost_total_usd, budget_exceeded_total
 from quotas.models import ModelPrice, QuotaSession, UsageRecord
-from quotas.policies import BudgetSpec
+from quotas.policies import BudgetSpec, SpendLimitSpec
 from quotas.pricing import TOKEN_KINDS, timestamp_to_datetime
 from quotas.realtime.meter import SessionMeter, admit_new_session, format_usd
 from quotas.realtime.prices import load_price_sheet
@@ -20,28 +21,13 @@ from quotas.realtime.usage import usage_token_counts
 from quotas.redis_client import SharedRedis
 from quotas.spend import BREAKER_EVENT, BREAKER_GROUP, SpendCounters
 from quotas.testing import aread
+from tests.fixtures.spend import T0, Clock
 
-T0 = 1_800_000_000.0
 PER_M = Decimal(1_000_000)
 # Fresh-install sheet: gpt-realtime costs 100 $/1M for every input kind, 200 $/1M for output.
 IN_RATE, OUT_RATE = Decimal(100), Decimal(200)
 ONE_SECOND_OF_OUTPUT = 20 * OUT_RATE / PER_M  # 20 audio tokens per second of output: $0.004
 DELTA_BYTES = 4_800  # 0.1 s of pcm16 at 24 kHz
-
-
-class Clock:
-    def __init__(self, now=T0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-
-@pytest.fixture(autouse=True)
-def fresh_spend_counters():
-    spend_module.reset_spend_counters()
-    yield
-    spend_module.reset_spend_counters()
 
 
 @pytest.fixture
@@ -451,3 +437,33 @@ async def test_a_reservation_holds_the_worst_case_and_refuses_what_cannot_fit(ma
     assert not refused.allowed and refused.reason == "budget"
     assert meter.reservation is None
     assert await UsageRecord.objects.filter(estimated=True).acount() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("close_worker_connections")
+async def test_a_session_keeps_its_caps_until_the_period_policy_or_minute_changes(
+    clock, no_redis, price_sheet, settings
+):
+    settings.QUOTAS_BUDGET_TIMEZONE = "Europe/Paris"
+    day = SpendLimitSpec("client-day", "client", Decimal("1.00"), "day")
+    _, midnight = period_bounds("day", T0, zoneinfo.ZoneInfo("Europe/Paris"))
+    clock.now = midnight - 10
+    counters = SpendCounters(None, timer=clock)
+    meter = SessionMeter("10.1.1.1", "gpt-realtime", BudgetSpec(), timer=clock, counters=counters)
+    meter.use_policy(BudgetSpec(), (day,))
+    await meter.open()
+    before = await meter.charge_response(done("r1", audio_usage(120, 60)))
+    assert meter._state.total_of("client-day") == 24_000
+    kept = meter.caps()
+    assert meter.caps(clock.now + 5) is kept  # same period, policy and minute
+    # Past local midnight: the new day's counter (a new key), empty until this cost.
+    clock.now = midnight + 1
+    await meter.charge_response(done("r2", audio_usage(120, 60)))
+    assert meter._state.total_of("client-day") == 24_000
+    assert before.booked and meter.caps() is not kept
+    # A minute on, or a policy edit: built again, with the new cap.
+    kept = meter.caps()
+    assert meter.caps(clock.now + 61) is not kept
+    meter.use_policy(BudgetSpec(), (SpendLimitSpec("client-day", "client", Decimal("2"), "day"),))
+    assert [cap.cap_micro for cap in meter.caps() if cap.name == "client-day"] == [2_000_000]
+    await meter.close("client_closed")

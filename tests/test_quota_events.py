@@ -27,8 +27,8 @@ from quotas.redis_client import SharedRedis
 from quotas.spend import CLOSED, HALF_OPEN, OPEN, SpendCounters
 from quotas.testing import charge
 from tests.fixtures.ledger import make_session, make_usage, quiet_events  # noqa: F401
+from tests.fixtures.spend import T0, Clock
 
-T0 = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC, on a whole hour
 USD = 1_000_000
 BUDGET = BudgetSpec(
     session_cap_usd=Decimal("100.00"),
@@ -37,14 +37,6 @@ BUDGET = BudgetSpec(
     breaker_threshold_usd=Decimal("10.00"),
     breaker_cooldown_seconds=600,
 )
-
-
-class Clock:
-    def __init__(self, now=T0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
 
 
 @pytest.fixture

@@ -11,14 +11,13 @@ from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from django.db.models import Sum
 
-from quotas import spend as spend_module
 from quotas.policies import BudgetSpec
 from quotas.redis_client import SharedRedis
 from quotas.spend import CLOSED, HALF_OPEN, OPEN, SpendCounters
 from quotas.testing import admit, aread, charge
 from tests.fixtures.redis_server import spare_port
+from tests.fixtures.spend import T0, Clock, make_counters  # noqa: F401
 
-T0 = 1_800_000_000.0
 BUDGET = BudgetSpec(
     session_cap_usd=Decimal("1.00"),
     session_max_seconds=1800,
@@ -27,47 +26,6 @@ BUDGET = BudgetSpec(
     breaker_cooldown_seconds=600,
 )
 USD = 1_000_000  # micro-USD per dollar
-
-
-@pytest.fixture(autouse=True)
-def fresh_spend_counters():
-    """No process-wide spend counters (and their in-process twin) leak between tests."""
-    spend_module.reset_spend_counters()
-    yield
-    spend_module.reset_spend_counters()
-
-
-class Clock:
-    """An injected clock the test moves by hand."""
-
-    def __init__(self, now=T0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-
-@pytest.fixture(params=["local", "redis"])
-def make_counters(request):
-    """Factory of counters on one engine; Redis ones each get their own SharedRedis."""
-    if request.param == "local":
-        shared_local = []
-
-        def factory(clock):
-            counters = SpendCounters(None, timer=clock, ledger=False)
-            if shared_local:  # one process: instances share the twin
-                counters.local = shared_local[0].local
-            shared_local.append(counters)
-            return counters
-
-        return factory
-    url = request.getfixturevalue("redis_url")
-    prefix = request.getfixturevalue("redis_prefix")
-
-    def factory(clock):
-        return SpendCounters(SharedRedis(url), timer=clock, prefix=prefix, ledger=False)
-
-    return factory
 
 
 def test_rolling_hour_forgets_charges_exactly_after_3600_seconds(make_counters):

@@ -9,14 +9,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quotas import spend as spend_module
 from quotas.caps import Identity, applicable_limits, period_bounds
 from quotas.policies import BudgetSpec, SpendLimitSpec
 from quotas.redis_client import SharedRedis
 from quotas.spend import CLOSED, OPEN, SpendCounters, entry_member
 from quotas.testing import admit, charge, reserve, settle
+from tests.fixtures.spend import T0, Clock, engine  # noqa: F401
 
-T0 = 1_800_000_000.0  # 2027-01-15 08:00 UTC, a Friday
 USD = 1_000_000
 BUDGET = BudgetSpec(
     session_cap_usd=Decimal("1.00"),
@@ -29,31 +28,6 @@ CLIENT_DAY = SpendLimitSpec("client-day", "client", Decimal("3.00"), "day")
 USER_HOUR = SpendLimitSpec("user-hour", "user", Decimal("1.50"), "rolling", 3600)
 GLOBAL_DAY = SpendLimitSpec("everyone-day", "global", Decimal("4.00"), "day")
 PARIS = zoneinfo.ZoneInfo("Europe/Paris")
-
-
-@pytest.fixture(autouse=True)
-def fresh_spend_counters():
-    spend_module.reset_spend_counters()
-    yield
-    spend_module.reset_spend_counters()
-
-
-class Clock:
-    def __init__(self, now=T0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-
-@pytest.fixture(params=["local", "redis"])
-def engine(request):
-    """A factory of counters on one engine, with a settable clock."""
-    if request.param == "local":
-        return lambda clock: SpendCounters(None, timer=clock, ledger=False)
-    url = request.getfixturevalue("redis_url")
-    prefix = request.getfixturevalue("redis_prefix")
-    return lambda clock: SpendCounters(SharedRedis(url), timer=clock, prefix=prefix, ledger=False)
 
 
 def caps(

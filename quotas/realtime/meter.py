@@ -14,9 +14,15 @@ and one commit.
 
 Other usage (transcriptions, tools, a response without a hold) is booked plainly: insert the
 ``UsageRecord`` (unique per session and response id: the idempotency key) and update the
-session's totals in one transaction, then one round trip to the spend counters. The ledger
+session's totals in one transaction, then one decision of the spend counters. The ledger
 is written before the counters change, so a Redis outage loses nothing: the counters are
 rebuilt from it later.
+
+Each hold (with its provisional row), settlement and booking is ONE worker-thread call
+(``database_sync_to_async``) holding the ledger write and the counters' decision (the sync
+Redis path: one round trip); the decision is observed (gauges, alerts, the breaker's
+broadcast) back on the event loop. A session keeps its ``CapSet`` between decisions while
+its policy, its calendar periods and the minute are the same.
 
 Close codes and events are ``quotas.protocol``'s. Passing the hourly cap does not end a
 running session by itself; its next reservation is refused.
@@ -89,6 +95,9 @@ PROJECTION_HORIZON_SECONDS = 1
 _OUTPUT_TOKENS_PER_BYTE = Decimal(OUTPUT_AUDIO_TOKENS_PER_SECOND) / PCM16_BYTES_PER_SECOND
 _INPUT_TOKENS_PER_BYTE = Decimal(INPUT_AUDIO_TOKENS_PER_SECOND) / PCM16_BYTES_PER_SECOND
 _CENTS = Decimal("0.01")
+# A session keeps its caps between decisions for at most this long (and never past a calendar
+# period's end): only a calendar counter's key lifetime depends on the time it was built at.
+CAPS_MAX_AGE_SECONDS = 60
 
 
 @dataclass
@@ -115,33 +124,85 @@ class DurationCheck:
     close_code: int | None = None
 
 
-def _add_to_session_totals(session_id, cost, tokens):
-    """``F()``-style increment of a session's cost and token totals, as one prepared UPDATE.
+# The ledger's statements written by hand (``_ledger_sql``), built once per database vendor.
+_LEDGER_SQL = {}
+_SESSION_TOTALS = ("cost_usd", *TOKEN_KINDS)  # the session's columns each booking adds to
+_BOOKED_COLUMNS = (
+    "session_id",
+    "kind",
+    "model",
+    "response_id",
+    *TOKEN_KINDS,
+    "cost_usd",
+    "unknown_model",
+    "estimated",
+    "created_at",
+)
+_SETTLED_COLUMNS = ("response_id", "cost_usd", "unknown_model", "estimated", "created_at")
 
-    The same statement as ``filter(pk=...).update(cost_usd=F("cost_usd") + cost, ...)``,
-    written once: compiling seven F() expressions per booking cost more than the write.
+
+def _ledger_sql(name):
+    """One of the ledger's hand-written statements for this connection's database:
+
+    - ``add``     the session's cost and token totals ``+= %s`` (one prepared UPDATE: the
+                  same as ``update(cost_usd=F("cost_usd") + cost, ...)``, whose seven F()
+                  expressions cost more to compile than the write)
+    - ``book``    PostgreSQL: insert a record and, if it was new, ``add`` it, in ONE statement
+    - ``settle``  PostgreSQL: replace a provisional record and, if it was still provisional,
+                  ``add`` the difference, in ONE statement
     """
+    statements = _LEDGER_SQL.get(connection.vendor)
+    if statements is None:
+        statements = _LEDGER_SQL[connection.vendor] = _build_ledger_sql()
+    return statements[name]
+
+
+def _build_ledger_sql():
+    from ..models import QuotaSession, UsageRecord
+
+    quote = connection.ops.quote_name
+
+    def names(columns):
+        return ", ".join(quote(column) for column in columns)
+
+    records = quote(UsageRecord._meta.db_table)
+    record_pk = quote(UsageRecord._meta.pk.column)
+    session_pk = quote(QuotaSession._meta.pk.column)
+    add = (
+        f"UPDATE {quote(QuotaSession._meta.db_table)} SET "
+        + ", ".join(f"{quote(c)} = {quote(c)} + %s" for c in _SESSION_TOTALS)
+        + f" WHERE {session_pk} = %s"
+    )
+    settled = ", ".join(f"{quote(c)} = %s" for c in (*_SETTLED_COLUMNS, *TOKEN_KINDS))
+    return {
+        "add": add,
+        "book": (
+            f"WITH ins AS (INSERT INTO {records} ({names(_BOOKED_COLUMNS)}) "
+            f"VALUES ({', '.join(['%s'] * len(_BOOKED_COLUMNS))}) "
+            f"ON CONFLICT ({names(('session_id', 'response_id'))}) DO NOTHING "
+            f"RETURNING {record_pk}), "
+            f"upd AS ({add} AND EXISTS (SELECT 1 FROM ins) RETURNING 1) "
+            f"SELECT {record_pk} FROM ins"
+        ),
+        "settle": (
+            f"WITH rec AS (UPDATE {records} SET {settled} "
+            f"WHERE {record_pk} = %s AND {quote('estimated')} RETURNING {record_pk}), "
+            f"upd AS ({add} AND EXISTS (SELECT 1 FROM rec) RETURNING 1) "
+            f"SELECT {record_pk} FROM rec"
+        ),
+    }
+
+
+def _add_to_session_totals(session_id, cost, tokens):
+    """Add ``cost`` and ``tokens`` to a session's totals (the ``add`` statement)."""
     from ..models import QuotaSession
 
     meta = QuotaSession._meta
-    quote = connection.ops.quote_name
-    sql = _UPDATE_SQL.get(connection.vendor)
-    if sql is None:
-        columns = ("cost_usd", *TOKEN_KINDS)
-        assignments = ", ".join(f"{quote(c)} = {quote(c)} + %s" for c in columns)
-        sql = _UPDATE_SQL[connection.vendor] = (
-            f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {quote(meta.pk.column)} = %s"
-        )
     params = [meta.get_field("cost_usd").get_db_prep_value(cost, connection)]
     params += [tokens[kind] for kind in TOKEN_KINDS]
     params.append(meta.pk.get_db_prep_value(uuid.UUID(str(session_id)), connection))
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-
-
-_UPDATE_SQL = {}
-_BOOK_SQL = {}
-_SETTLE_SQL = {}
+        cursor.execute(_ledger_sql("add"), params)
 
 
 def _book_in_one_statement(
@@ -153,40 +214,12 @@ def _book_in_one_statement(
     no-op, and the UPDATE runs only when the INSERT did; one round trip and one commit
     instead of four. Returns the new record's id, or None for a replay.
     """
-    from ..models import QuotaSession, UsageRecord
-
-    sql = _BOOK_SQL.get("postgresql")
-    if sql is None:
-        quote = connection.ops.quote_name
-        record_columns = (
-            "session_id",
-            "kind",
-            "model",
-            "response_id",
-            *TOKEN_KINDS,
-            "cost_usd",
-            "unknown_model",
-            "estimated",
-            "created_at",
-        )
-        session_columns = ("cost_usd", *TOKEN_KINDS)
-        sql = _BOOK_SQL["postgresql"] = (
-            f"WITH ins AS (INSERT INTO {quote(UsageRecord._meta.db_table)} "
-            f"({', '.join(quote(c) for c in record_columns)}) "
-            f"VALUES ({', '.join(['%s'] * len(record_columns))}) "
-            f"ON CONFLICT ({quote('session_id')}, {quote('response_id')}) DO NOTHING "
-            f"RETURNING {quote('id')}), "
-            f"upd AS (UPDATE {quote(QuotaSession._meta.db_table)} SET "
-            + ", ".join(f"{quote(c)} = {quote(c)} + %s" for c in session_columns)
-            + f" WHERE {quote('id')} = %s AND EXISTS (SELECT 1 FROM ins) RETURNING 1) "
-            f"SELECT {quote('id')} FROM ins"
-        )
     session_uuid = uuid.UUID(str(session_id))
     counts = [tokens[kind_] for kind_ in TOKEN_KINDS]
     params = [session_uuid, kind, model, reference, *counts, cost, unknown, estimated, when]
     params += [cost, *counts, session_uuid]
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(_ledger_sql("book"), params)
         row = cursor.fetchone()
     return row[0] if row else None
 
@@ -199,33 +232,10 @@ def _settle_in_one_statement(record_id, session_id, reference, tokens, cost, unk
     record did, so a replayed settlement changes nothing; one round trip and one commit
     instead of four. Returns whether the record was settled.
     """
-    from ..models import QuotaSession, UsageRecord
-
-    sql = _SETTLE_SQL.get("postgresql")
-    if sql is None:
-        quote = connection.ops.quote_name
-        record_columns = (
-            "response_id",
-            "cost_usd",
-            "unknown_model",
-            "estimated",
-            "created_at",
-            *TOKEN_KINDS,
-        )
-        session_columns = ("cost_usd", *TOKEN_KINDS)
-        sql = _SETTLE_SQL["postgresql"] = (
-            f"WITH rec AS (UPDATE {quote(UsageRecord._meta.db_table)} SET "
-            + ", ".join(f"{quote(c)} = %s" for c in record_columns)
-            + f" WHERE {quote('id')} = %s AND {quote('estimated')} RETURNING {quote('id')}), "
-            f"upd AS (UPDATE {quote(QuotaSession._meta.db_table)} SET "
-            + ", ".join(f"{quote(c)} = {quote(c)} + %s" for c in session_columns)
-            + f" WHERE {quote('id')} = %s AND EXISTS (SELECT 1 FROM rec) RETURNING 1) "
-            f"SELECT {quote('id')} FROM rec"
-        )
     params = [reference, cost, unknown, False, when, *(tokens[kind] for kind in TOKEN_KINDS)]
     params += [record_id, *delta, uuid.UUID(str(session_id))]
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(_ledger_sql("settle"), params)
         return cursor.fetchone() is not None
 
 
@@ -236,6 +246,7 @@ class _Booking:
     counts: object
     rates: object
     session_cost: Decimal | None = None
+    state: object = None  # the counters' decision taken with the write (not yet observed)
 
 
 _CURRENT = object()  # charge_response: the meter's current reservation, if it matches
@@ -323,6 +334,8 @@ class SessionMeter:
         self._cost = Decimal(0)
         self._hour_usd = Decimal(0)
         self._state = None  # the latest spend decision (status, warnings)
+        # (budget, limits, session id, built at, valid until, CapSet, identity)
+        self._caps = None
         self._sent = set()
         self._rates = None
         # The running response's projection.
@@ -358,12 +371,28 @@ class SessionMeter:
         """Count from now on against these caps (policy edits reach running sessions)."""
         self.budget = budget
         self.limits = tuple(limits)
+        self._caps = None
 
     def caps(self, at=None):
-        """The caps this session's money counts against now."""
-        return self.counters.caps_for(
-            self.budget, self.identity, limits=self.limits, session_id=self.session_id, at=at
+        """The caps this session's money counts against now (kept between decisions while
+        the policy, the period and the minute are the same)."""
+        now = self.counters.timer() if at is None else at
+        kept = self._caps
+        if (
+            kept is not None
+            and kept[0] is self.budget
+            and kept[1] == self.limits
+            and kept[2] == self.session_id
+            and kept[3] <= now < kept[4]
+            and kept[6] is self.identity
+        ):
+            return kept[5]
+        caps = self.counters.caps_for(
+            self.budget, self.identity, limits=self.limits, session_id=self.session_id, at=now
         )
+        until = min([now + CAPS_MAX_AGE_SECONDS, *(cap.resets_at for cap in caps if cap.resets_at)])
+        self._caps = (self.budget, self.limits, self.session_id, now, until, caps, self.identity)
+        return caps
 
     @database_sync_to_async
     def _create_session(self, started_at):
@@ -526,9 +555,8 @@ class SessionMeter:
             pending_input_bytes=self._pending_input_bytes,
             pending_text_tokens=self._pending_text_tokens,
         )
-        state = await self.counters.areserve(
-            self.caps(at), micro, reservation.member, self.budget, at=at
-        )
+        state, written = await self._reserve_and_book(reservation, self.caps(at), at)
+        state = self.counters.observe(state, self.budget, "reserve", at)
         self._state = state
         self._hour_usd = state.hour_usd
         if not state.allowed:
@@ -543,16 +571,36 @@ class SessionMeter:
             return admission
         self.reservation = reservation
         self._limit_room = self._room_beyond(state)
-        try:
-            reservation.record_id = await self._book_provisional(reservation, at)
-        except Exception as exc:
+        if isinstance(written, Exception):
             # The hold counts in the counters already; its ledger row is written when the
             # response settles (the database may be back by then). The answer goes on.
             logger.warning(
                 "provisional usage not written yet (%s); it is written at settlement",
-                exc.__class__.__name__,
+                written.__class__.__name__,
             )
+        else:
+            reservation.record_id = written
         return Admission(True, state=state)
+
+    @database_sync_to_async
+    def _reserve_and_book(self, reservation, caps, at):
+        """The hold on every cap, then (held) its provisional row, in one worker-thread call:
+        (the unobserved decision, the row's id or the exception that kept it unwritten)."""
+        state = self.counters.decide(
+            "reserve",
+            caps,
+            self.budget,
+            amount=reservation.micro,
+            add=reservation.member,
+            at=at,
+            observe=False,
+        )
+        if not state.allowed:
+            return state, None
+        try:
+            return state, self._write_provisional(reservation, at)
+        except Exception as exc:  # reported by the caller; the hold stands
+            return state, exc
 
     def take_reservation(self, response_id=None):
         """The hold a finished response ran under (and no longer the meter's current one),
@@ -594,6 +642,10 @@ class SessionMeter:
 
     @database_sync_to_async
     def _book_provisional(self, reservation, at):
+        """Write a hold's provisional row (its id) when the reservation could not."""
+        return self._write_provisional(reservation, at)
+
+    def _write_provisional(self, reservation, at):
         from ..models import UsageRecord
 
         tokens = reservation.counts.as_dict()
@@ -642,7 +694,8 @@ class SessionMeter:
 
     @database_sync_to_async
     def _settle_provisional(self, reservation, reference, counts_of, at):
-        """Replace the provisional record by the exact usage, in place (sync; idempotent)."""
+        """Replace the provisional record by the exact usage, in place, then settle the
+        counters (idempotent: a replay changes neither and answers None)."""
         from ..models import UsageRecord
 
         when = timestamp_to_datetime(at)
@@ -681,7 +734,20 @@ class SessionMeter:
                     _add_to_session_totals(self.session_id, cost - reservation.cost, delta)
         if not updated:
             return None
-        return _Booking(reservation.record_id, cost, counts, rates)
+        # The ledger first (a crash from here on keeps the exact row), then the counters swap
+        # the hold for the exact cost in the same worker-thread call.
+        micro = to_micro(cost)
+        state = self.counters.decide(
+            "settle",
+            self.caps(at),
+            self.budget,
+            amount=micro,
+            add=entry_member(micro, reservation.record_id),
+            remove=reservation.member,
+            at=at,
+            observe=False,
+        )
+        return _Booking(reservation.record_id, cost, counts, rates, state=state)
 
     # -- charging -------------------------------------------------------------------------------
 
@@ -739,6 +805,24 @@ class SessionMeter:
 
     @database_sync_to_async
     def _book(self, kind, reference, model, counts_of, at, per_call=0):
+        """Book plainly, then (booked, not a replay) charge the counters, in one
+        worker-thread call; the decision is observed by the caller."""
+        booking = self._write_booking(kind, reference, model, counts_of, at, per_call)
+        if booking.record_id is None:
+            return booking
+        micro = to_micro(booking.cost)
+        state = self.counters.decide(
+            "charge",
+            self.caps(at),
+            self.budget,
+            amount=micro,
+            add=entry_member(micro, booking.record_id),
+            at=at,
+            observe=False,
+        )
+        return _replace(booking, state=state)
+
+    def _write_booking(self, kind, reference, model, counts_of, at, per_call=0):
         from ..models import QuotaSession, UsageRecord
 
         when = timestamp_to_datetime(at)
@@ -813,15 +897,7 @@ class SessionMeter:
             return self._outcome(None, booked=False, state=None, at=at), None
         self._count_booking(booking, "response", reference)
         self._cost += booking.cost
-        micro = to_micro(booking.cost)
-        state = await self.counters.asettle(
-            self.caps(at),
-            reservation.member,
-            micro,
-            entry_member(micro, booking.record_id),
-            self.budget,
-            at=at,
-        )
+        state = self.counters.observe(booking.state, self.budget, "settle", at)
         await self._after_decision(state, at)
         return self._outcome(booking, booked=True, state=state, at=at), booking.counts
 
@@ -836,15 +912,7 @@ class SessionMeter:
             return self._outcome(booking, booked=False, state=None, at=at), None
         self._count_booking(booking, kind, reference)
         self._cost += booking.cost
-        micro = to_micro(booking.cost)
-        state = await self.counters.acharge(
-            self.session_id,
-            micro,
-            self.budget,
-            member=entry_member(micro, booking.record_id),
-            at=at,
-            caps=self.caps(at),
-        )
+        state = self.counters.observe(booking.state, self.budget, "charge", at)
         await self._after_decision(state, at)
         return self._outcome(booking, booked=True, state=state, at=at), booking.counts
 

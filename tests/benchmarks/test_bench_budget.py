@@ -27,6 +27,7 @@ from quotas.caps import Identity
 from quotas.defaults import SHEET_EPOCH
 from quotas.models import ModelPrice, QuotaSession, UsageRecord
 from quotas.policies import BudgetSpec, SpendLimitSpec
+from quotas.realtime import meter as meter_module
 from quotas.realtime.meter import SessionMeter
 from quotas.realtime.prices import load_price_sheet
 from quotas.redis_client import SharedRedis
@@ -501,7 +502,8 @@ class _Parts:
 
     def __init__(self):
         self.samples = {}
-        self._wrapped = []
+        self._wrapped = []  # instance attributes set over the class's
+        self._restore = []  # (owner, attribute, original)
 
     def wrap(self, owner, attribute, part):
         call = getattr(owner, attribute)
@@ -517,10 +519,43 @@ class _Parts:
         setattr(owner, attribute, timed)
         self._wrapped.append((owner, attribute))
 
+    def wrap_decisions(self, counters, parts):
+        """Time ``counters.decide`` (sync, in the worker thread) per operation: ``parts``
+        maps an operation to its part's name."""
+        call = counters.decide
+
+        def timed(op, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return call(op, *args, **kwargs)
+            finally:
+                if op in parts:
+                    self.samples.setdefault(parts[op], []).append(time.perf_counter() - start)
+
+        counters.decide = timed
+        self._wrapped.append((counters, "decide"))
+
+    def wrap_sync(self, owner, attribute, part):
+        """Time a sync function or method (a module's, a class's) wherever it runs."""
+        call = getattr(owner, attribute)
+        samples = self.samples.setdefault(part, [])
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                samples.append(time.perf_counter() - start)
+
+        self._restore.append((owner, attribute, call))
+        setattr(owner, attribute, timed)
+
     def unwrap(self):
         for owner, attribute in self._wrapped:
             delattr(owner, attribute)
-        self._wrapped = []
+        for owner, attribute, call in self._restore:
+            setattr(owner, attribute, call)
+        self._wrapped, self._restore = [], []
 
     def median_ms(self, part):
         return statistics.median(self.samples[part]) * 1000 if self.samples.get(part) else 0.0
@@ -629,12 +664,22 @@ def test_bench_settlements(engine, request, no_redis, bench_report):
         try:
             await settlement_round(settling)  # warm up
             await plain_round(booking)
-            parts.wrap(settling, "_book_provisional", "reservation: database")
-            parts.wrap(settling, "_settle_provisional", "settlement: database")
-            parts.wrap(booking, "_book", "plain booking: database")
-            parts.wrap(counters, "areserve", "reservation: counters")
-            parts.wrap(counters, "asettle", "settlement: counters")
-            parts.wrap(counters, "acharge", "plain booking: counters")
+            # Each is one worker-thread call: the ledger write and the counters' decision.
+            parts.wrap(settling, "_reserve_and_book", "reservation: hop")
+            parts.wrap(settling, "_settle_provisional", "settlement: hop")
+            parts.wrap(booking, "_book", "plain booking: hop")
+            parts.wrap_sync(meter_module, "_settle_in_one_statement", "settling statement")
+            parts.wrap_sync(meter_module, "_book_in_one_statement", "booking statement")
+            # CONN_HEALTH_CHECKS: Django's SELECT 1 at the first statement of each hop.
+            parts.wrap_sync(type(connections[DEFAULT_DB_ALIAS]), "is_usable", "health check")
+            parts.wrap_decisions(
+                counters,
+                {
+                    "reserve": "reservation: counters",
+                    "settle": "settlement: counters",
+                    "charge": "plain booking: counters",
+                },
+            )
             for number in range(SETTLE_ROUNDS):
                 order = ("floor", "autocommit", "hop", "async", "settle", "plain")
                 for what in order if number % 2 == 0 else reversed(order):
@@ -696,17 +741,27 @@ def test_bench_settlements(engine, request, no_redis, bench_report):
     cycle_row = _rounds_row(
         f"reserve + settle, one response ({label})", rounds["cycle"], floor=floor
     )
-    print(f"\nwhere the time goes ({label}; p50 ms, each part its own median; the database")
-    print("parts include the thread hop):")
+    print(f"\nwhere the time goes ({label}; p50 ms, each part its own median; the hop is one")
+    print("database_sync_to_async call holding the ledger write and the counters' decision):")
     for what, row in (
         ("settlement", settle_row),
         ("reservation", reserve_row),
         ("plain booking", plain_row),
     ):
         print(
-            f"  {what:<14} {row['p50_ms']:.3f}: database {parts.median_ms(f'{what}: database'):.3f}"
-            f", counters {parts.median_ms(f'{what}: counters'):.3f}"
+            f"  {what:<14} {row['p50_ms']:.3f}: hop {parts.median_ms(f'{what}: hop'):.3f}"
+            f", of which counters {parts.median_ms(f'{what}: counters'):.3f}"
         )
+    hops = sum(
+        len(parts.samples.get(f"{what}: hop", []))
+        for what in ("settlement", "reservation", "plain booking")
+    )
+    print(
+        f"  inside the hops: settling statement {parts.median_ms('settling statement'):.3f}, "
+        f"booking statement (holds, plain) {parts.median_ms('booking statement'):.3f}, "
+        f"health check {parts.median_ms('health check'):.3f} "
+        f"({len(parts.samples.get('health check', []))} for {hops} hops)"
+    )
     for what, captured in (("settlement", settle_sql), ("reservation", reserve_sql)):
         count = statistics.median(len(sql) for sql in captured)
         print(f"  {what}: {count:g} statements as Django logs them (health checks are not)")
