@@ -30,6 +30,7 @@ from .middleware import limits_for
 from .policies import policy_cache
 from .protocol import CLOSE_RATE_LIMITED, close_code_for, exceeded_event
 from .redis_client import shared_redis
+from .sessions import admit_new_session
 from .spend import spend_counters
 from .sweep import ensure_sweeper
 
@@ -113,8 +114,6 @@ class ConnectionGuard:
             )
         caps = spend_counters().caps_for(snapshot.budget, identity, limits=snapshot.spend_limits)
         room = await database_sync_to_async(self.room)(snapshot.budget) if self.room else 0
-        from .realtime.meter import admit_new_session  # not at import: see quotas/README.md
-
         admission = await admit_new_session(snapshot.budget, caps=caps, room_micro=room)
         if not admission.allowed:
             record_violation(f"budget:{admission.reason}", "websocket", endpoint)

@@ -50,7 +50,7 @@ def close_stale_sessions(now=None):
     from django.db.models import Q
 
     from .models import QuotaSession
-    from .realtime.meter import end_session
+    from .sessions import end_session
 
     now = time.time() if now is None else now
     cutoff = stale_before(now)

@@ -15,10 +15,11 @@ from quotas.metrics import active_sessions_total, api_cost_total_usd, budget_exc
 from quotas.models import ModelPrice, QuotaSession, UsageRecord
 from quotas.policies import BudgetSpec, SpendLimitSpec
 from quotas.pricing import TOKEN_KINDS, timestamp_to_datetime
-from quotas.realtime.meter import SessionMeter, admit_new_session, format_usd
+from quotas.realtime.meter import SessionMeter, format_usd
 from quotas.realtime.prices import load_price_sheet
 from quotas.realtime.usage import usage_token_counts
 from quotas.redis_client import SharedRedis
+from quotas.sessions import admit_new_session
 from quotas.spend import BREAKER_EVENT, BREAKER_GROUP, SpendCounters
 from quotas.testing import aread
 from tests.fixtures.spend import T0, Clock

@@ -9,7 +9,5 @@
 - ``quotas.realtime.text_tokens``: the o200k_base bound of a text's tokens.
 
 It imports from the generic core only (never from a project); the core never imports it at
-import time, so a project without a Realtime relay need not load it. (Two ledger functions of
-the meter are still called by the core at run time, the guard's admission and the stale-session
-sweep: see quotas/README.md.)
+import time, so a project without a Realtime relay need not load it.
 """

@@ -38,14 +38,12 @@ from decimal import Decimal
 
 from channels.db import database_sync_to_async
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Sum
 
 from ..breaker import broadcast_breaker_open
 from ..caps import SESSION, Identity
 from ..metrics import (
     active_sessions_total,
     api_cost_total_usd,
-    budget_exceeded_total,
     session_duration_seconds,
     token_usage_total,
 )
@@ -68,6 +66,7 @@ from ..protocol import (
     format_usd,
     warning_event,
 )
+from ..sessions import count_refusal, end_session
 from ..spend import Admission, entry_member, spend_counters
 from .prices import price_book
 from .text_tokens import text_token_bound
@@ -272,11 +271,6 @@ class Reservation:
         return entry_member(self.micro, self.reference)
 
 
-def count_refusal(reason):
-    """Count a budget refusal in ``budget_exceeded_total``."""
-    budget_exceeded_total.labels(reason=reason).inc()
-
-
 def smallest_answer_micro(budget, at=None, *, input_text_tokens=0, model=None):
     """The worst case of a first answer under ``budget``: ``input_text_tokens`` (what every
     answer re-bills: instructions, tool schemas) at the text input price, plus
@@ -290,16 +284,6 @@ def smallest_answer_micro(budget, at=None, *, input_text_tokens=0, model=None):
     return to_micro(
         per_output * int(budget.max_output_tokens_per_response) + per_input * int(input_text_tokens)
     )
-
-
-async def admit_new_session(budget, counters=None, caps=None, room_micro=0):
-    """Whether a new session may start now: ``room_micro`` left (with 0: anything at all)
-    under every spend limit and the rolling-hour cap, and the breaker not open."""
-    counters = counters or spend_counters()
-    admission = await counters.aadmit(budget, caps, room_micro=room_micro)
-    if not admission.allowed:
-        count_refusal(admission.reason)
-    return admission
 
 
 class SessionMeter:
@@ -1046,18 +1030,3 @@ class SessionMeter:
             check.close_code = CLOSE_DURATION
             self._count_exceeded("duration")
         return check
-
-
-def end_session(session_id, ended_at, end_reason):
-    """Close a ledger session: ``ended_at``, ``end_reason`` and totals from its records (sync).
-
-    Returns 1 when it was open, 0 when it had been closed already."""
-    from ..models import QuotaSession, UsageRecord
-
-    sums = UsageRecord.objects.filter(session_id=session_id).aggregate(
-        cost=Sum("cost_usd"), **{kind: Sum(kind) for kind in TOKEN_KINDS}
-    )
-    totals = {kind: sums[kind] or 0 for kind in TOKEN_KINDS}
-    return QuotaSession.objects.filter(pk=session_id, ended_at__isnull=True).update(
-        ended_at=ended_at, end_reason=end_reason, cost_usd=sums["cost"] or Decimal(0), **totals
-    )

@@ -179,11 +179,15 @@ def test_refusal_messages_name_the_project():
 
 # Run in a process of its own: the rest of this run loads the Realtime add-on (its tests).
 GENERIC_CORE_PROBE = r"""
-import asyncio, importlib, json, sys
+import asyncio, importlib, json, sys, tempfile
 from pathlib import Path
 
 import django
 
+import tests.reuse.settings
+
+# A file, not :memory:: the guard reads policies from another thread (its own connection).
+tests.reuse.settings.DATABASES["default"]["NAME"] = tempfile.mktemp(suffix=".sqlite3")
 django.setup()
 from django.core.management import call_command
 from django.test import RequestFactory
@@ -215,13 +219,31 @@ budget = policy_cache.get().budget
 counters = spend_counters()
 spent = charge(counters, "probe-session", 1_000, budget)
 admitted = asyncio.run(counters.aadmit(budget)).allowed
+
+
+async def guarded_connection():
+    from channels.testing import WebsocketCommunicator
+
+    from tests.reuse.asgi import websocket
+
+    chat = WebsocketCommunicator(websocket, "/chat")
+    connected, _ = await chat.connect()
+    await chat.disconnect()
+    return connected
+
+
+connected = asyncio.run(guarded_connection())
+from quotas.sweep import close_stale_sessions
+
+close_stale_sessions()
 loaded = sorted(n for n in sys.modules if n.split(".")[:2] == ["quotas", "realtime"])
 if sys.argv[1:] == ["--then-meter"]:
     import quotas.realtime.meter  # noqa: F401  (the probe must see this)
 
     loaded = sorted(n for n in sys.modules if n.split(".")[:2] == ["quotas", "realtime"])
 print(json.dumps({"generic": generic, "checks": checks, "admitted": admitted,
-                  "session_micro": spent.session_micro, "realtime_loaded": loaded}))
+                  "connected": connected, "session_micro": spent.session_micro,
+                  "realtime_loaded": loaded}))
 """
 
 
@@ -252,10 +274,12 @@ def test_the_generic_core_decides_without_loading_the_realtime_add_on():
     for name in ("quotas.guards", "quotas.sweep", "quotas.reports", "quotas.pricing"):
         assert name in probe["generic"]
     assert "quotas.management.commands.quotas_load_prices" in probe["generic"]
-    # A rate-limit decision (the second hit of a 1-per-minute rule is refused) and a spend
-    # decision (a charge, then an admission) ran.
+    # A rate-limit decision (the second hit of a 1-per-minute rule is refused), a spend
+    # decision (a charge, then an admission), a connection through the guard (rules, spend
+    # admission, session slot) and a stale-session sweep ran.
     assert probe["checks"] == [True, False]
     assert probe["session_micro"] == 1_000 and probe["admitted"]
+    assert probe["connected"]
     assert probe["realtime_loaded"] == []
 
 
