@@ -21,20 +21,18 @@ The quotas app guards the connection before this consumer runs
 """
 
 import asyncio
-import functools
 import json
 import logging
 import re
-import sys
 import time
-import weakref
 
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.conf import settings
 
+from ducke.conf import ducke_settings
 from ducke.realtime import client_events
 from ducke.realtime.persona import TRANSCRIPTION_MODEL, session_update
 from ducke.realtime.upstream import open_upstream
+from ducke.server_workarounds import DirectReceiveMixin, ServerShutdown, send_backlog
 from ducke.tools import TOOL_SCHEMAS, run_tool
 from quotas.caps import Identity
 from quotas.consumers import QuotaConsumerMixin
@@ -64,34 +62,6 @@ _AUDIO_APPEND_UPSTREAM = '{"type": "input_audio_buffer.append", "audio": "%s"}'
 _BASE64_CHARS = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
-def _setting(name, default):
-    return getattr(settings, name, default)
-
-
-def send_backlog(send):
-    """Bytes the server holds for the browser that its socket has not taken yet.
-
-    ASGI gives no backpressure: daphne writes every message into Twisted's transport, which
-    buffers whatever a client does not read. Under daphne, ``send`` is
-    ``partial(server.handle_reply, protocol)``, possibly wrapped by Channels' session
-    middleware (``AuthMiddlewareStack``: a bound ``send`` whose instance keeps ``real_send``);
-    elsewhere this returns 0 (unknown).
-    """
-    for _ in range(8):  # unwrap middleware sends down to daphne's own
-        if isinstance(send, functools.partial):
-            break
-        inner = getattr(getattr(send, "__self__", None), "real_send", None)
-        if inner is None:
-            break
-        send = inner
-    protocol = send.args[0] if isinstance(send, functools.partial) and send.args else None
-    transport = getattr(protocol, "transport", None)
-    try:
-        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-    except (AttributeError, TypeError):
-        return 0
-
-
 def error_event(code, message, error_type="invalid_request_error"):
     """An ``error`` server event in the Realtime shape, safe to show the browser."""
     return {"type": "error", "error": {"type": error_type, "code": code, "message": message}}
@@ -113,85 +83,37 @@ def audio_bytes(base64_text):
     return len(base64_text) * 3 // 4 if isinstance(base64_text, str) else 0
 
 
-# Sessions of this process, and the tasks ending them for a server shutdown.
-_live_sessions = weakref.WeakSet()
-_shutdown_tasks = set()
-_shutdown_hook = []
+async def _end_for_shutdown(session):
+    await session._end_for_shutdown()
 
 
-async def _sessions_ended():
-    """Wait until every session ending for a shutdown has booked its usage and closed."""
-    while _shutdown_tasks:
-        await asyncio.shield(asyncio.wait(set(_shutdown_tasks)))
+# The sessions of this process, ended properly when the server stops (daphne's SIGTERM).
+server_shutdown = ServerShutdown(_end_for_shutdown)
 
 
-async def end_all_sessions():
-    """End every session of this process for a server shutdown (usage booked, ledger closed)."""
-    sessions = list(_live_sessions)
-    if sessions:
-        logger.info("server shutdown: ending %d sessions", len(sessions))
-    for session in sessions:
-        session._begin_shutdown()
-    await _sessions_ended()
-
-
-def _install_shutdown_hook():
-    """Under daphne, end every session before the reactor shuts down.
-
-    daphne's own shutdown step (``kill_all_applications``) cancels applications, but it
-    fails with a KeyError as soon as one connection has no application instance left (an
-    HTTP keep-alive connection whose response is done): then no session would be cancelled
-    and the event loop would stop under them. A "before shutdown" trigger of our own is
-    waited for by Twisted whatever happens to daphne's.
-    """
-    if _shutdown_hook:
-        return
-    reactor = sys.modules.get("twisted.internet.reactor")
-    if reactor is None or not getattr(reactor, "running", False):
-        return
-    from twisted.internet import defer
-
-    def before_shutdown():
-        return defer.Deferred.fromFuture(asyncio.ensure_future(end_all_sessions()))
-
-    _shutdown_hook.append(reactor.addSystemEventTrigger("before", "shutdown", before_shutdown))
-
-
-class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
+class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketConsumer):
     """Relays one browser voice session to the Realtime upstream and meters it."""
-
-    _shutdown_task = None
 
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
         except asyncio.CancelledError:
-            # A server that cancels its applications to stop (daphne on SIGTERM) resumes its
-            # shutdown as soon as the FIRST of them finishes (``asyncio.gather`` in daphne's
-            # ``kill_all_applications``): end this session properly (book what upstream
-            # completes), and wait for every other session's ending too.
-            self._begin_shutdown()
-            await _sessions_ended()
+            # The server cancels its applications to stop (ServerShutdown says why): end
+            # this session properly, and wait for every other session's ending too.
+            server_shutdown.begin(self)
+            await server_shutdown.ended()
             raise
         finally:
-            _live_sessions.discard(self)
-
-    def _begin_shutdown(self):
-        """Start ending this session for a server shutdown (once); returns the task."""
-        if self._shutdown_task is None:
-            self._shutdown_task = asyncio.ensure_future(self._end_for_shutdown())
-            _shutdown_tasks.add(self._shutdown_task)
-            self._shutdown_task.add_done_callback(_shutdown_tasks.discard)
-        return self._shutdown_task
+            server_shutdown.discard(self)
 
     async def connect(self):
-        _install_shutdown_hook()
+        server_shutdown.install_reactor_trigger()
         quotas = self.scope.get("quotas") or {}
         self.client = quotas.get("client") or scope_client_ip(self.scope)
         self.slot = quotas.get("slot")
         self.policy = quotas.get("policy") or await policy_cache.aget()
         self.identity = quotas.get("identity") or Identity(client=self.client)
-        self.model = _setting("DUCKE_REALTIME_MODEL", "gpt-realtime")
+        self.model = ducke_settings.REALTIME_MODEL
         self.upstream = None
         self.meter = None
         self.tasks = set()
@@ -210,8 +132,8 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
         self.tools_running = 0
         self.pending_tool_outputs = []
         self.unbooked = []
-        self.max_backlog = int(_setting("DUCKE_MAX_SEND_BACKLOG_BYTES", 4 * 1024 * 1024))
-        _live_sessions.add(self)
+        self.max_backlog = int(ducke_settings.MAX_SEND_BACKLOG_BYTES)
+        server_shutdown.add(self)
         await self.accept()
         self.meter = SessionMeter(
             self.client,
@@ -241,7 +163,7 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
             self.upstream = await open_upstream(
                 self.scope,
                 self.model,
-                open_timeout=float(_setting("DUCKE_UPSTREAM_CONNECT_TIMEOUT_SECONDS", 10)),
+                open_timeout=float(ducke_settings.UPSTREAM_CONNECT_TIMEOUT_SECONDS),
             )
             update = json.dumps(self._session_update())
             await self.upstream.send(update)
@@ -299,22 +221,12 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
 
     # Browser -> upstream
 
-    async def dispatch(self, message):
-        # Audio frames arrive 10-50 times a second per session. Channels hops to the database
-        # thread before every message to close stale connections, queueing each frame behind
-        # ledger writes; receive() uses no database (the meter's database_sync_to_async calls
-        # close stale connections themselves), so frames skip that hop.
-        if message["type"] == "websocket.receive":
-            await self.websocket_receive(message)
-        else:
-            await super().dispatch(message)
-
     async def receive(self, text_data=None, bytes_data=None):
         self.last_activity = time.monotonic()
         if bytes_data is not None:
             await self.send_event(error_event("binary_not_supported", "Send JSON text frames."))
             return
-        if len(text_data) > int(_setting("DUCKE_MAX_FRAME_BYTES", 256 * 1024)):
+        if len(text_data) > int(ducke_settings.MAX_FRAME_BYTES):
             await self.close_with(
                 CLOSE_FRAME_TOO_LARGE,
                 error_event("frame_too_large", "That message is too large."),
@@ -639,7 +551,7 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
     # Time: duration cap and warnings, idle timeout, slot refresh
 
     async def _watch(self):
-        idle_limit = float(_setting("DUCKE_IDLE_TIMEOUT_SECONDS", 300))
+        idle_limit = float(ducke_settings.IDLE_TIMEOUT_SECONDS)
         # The slot and the heartbeat (the stale-session sweep's proof of life) together.
         next_refresh = time.monotonic() + self.quota_refresh_seconds
         while not self.closing:

@@ -10,6 +10,8 @@ from urllib.parse import urlencode, urlsplit
 from django.conf import settings
 from websockets.asyncio.client import connect
 
+from ducke.conf import ducke_settings
+
 OPENAI_REALTIME_URL = "wss://api.openai.com/v1/realtime"
 SIMULATOR_PATH = "/simulator/v1/realtime"
 MAX_UPSTREAM_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -22,7 +24,7 @@ def realtime_backend():
 
 def upstream_url(scope, model):
     """The full upstream URL for one session, with ``?model=``."""
-    base = settings.DUCKE_REALTIME_URL
+    base = ducke_settings.REALTIME_URL
     if not base:
         if settings.OPENAI_API_KEY:
             base = OPENAI_REALTIME_URL
