@@ -32,6 +32,7 @@ from ducke.conf import ducke_settings
 from ducke.realtime import client_events
 from ducke.realtime.persona import TRANSCRIPTION_MODEL, session_update
 from ducke.realtime.upstream import open_upstream
+from ducke.response_lifecycle import ResponseLifecycle
 from ducke.server_workarounds import DirectReceiveMixin, ServerShutdown, send_backlog
 from ducke.tools import TOOL_SCHEMAS, run_tool
 from quotas.caps import Identity
@@ -106,7 +107,10 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
         finally:
             server_shutdown.discard(self)
 
+    # Connect
+
     async def connect(self):
+        self.lifecycle = ResponseLifecycle()
         server_shutdown.install_reactor_trigger()
         quotas = self.scope.get("quotas") or {}
         self.client = quotas.get("client") or scope_client_ip(self.scope)
@@ -114,25 +118,14 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
         self.policy = quotas.get("policy") or await policy_cache.aget()
         self.identity = quotas.get("identity") or Identity(client=self.client)
         self.model = ducke_settings.REALTIME_MODEL
+        self.max_backlog = int(ducke_settings.MAX_SEND_BACKLOG_BYTES)
         self.upstream = None
         self.meter = None
         self.tasks = set()
-        self.closing = False
-        self.finished = False
         self.end_reason = "client_closed"
         self.last_activity = time.monotonic()
-        self.active_response = None
-        self.response_running = False  # from response.create sent until response.done
-        self.create_sent_id = None
-        self.creates = 0
-        self.response_idle = asyncio.Event()
-        self.response_idle.set()
-        self.cutoff = None
-        self.create_waiting = False
-        self.tools_running = 0
         self.pending_tool_outputs = []
         self.unbooked = []
-        self.max_backlog = int(ducke_settings.MAX_SEND_BACKLOG_BYTES)
         server_shutdown.add(self)
         await self.accept()
         self.meter = SessionMeter(
@@ -198,18 +191,18 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
 
     async def send_event(self, event):
         """Send one server event (a dict) to the browser."""
-        if not self.closing:
+        if not self.lifecycle.closing:
             await self.send(text_data=json.dumps(event))
 
     async def close_with(self, code, event=None, end_reason=None):
         """Optionally send a last event, then close the browser connection with ``code``."""
-        if self.closing:
+        if self.lifecycle.closing:
             return
         if event is not None:
             await self.send_event(event)
         if end_reason:
             self.end_reason = end_reason
-        self.closing = True
+        self.lifecycle.close()
         await self.close(code)
 
     async def _end_for_upstream(self, message):
@@ -237,7 +230,7 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
         if audio is not None:
             # The common frame, checked without a JSON round trip; forwarded byte for byte as
             # json.dumps would have written the sanitized event.
-            if self.upstream is None or self.closing:
+            if self.upstream is None or self.lifecycle.closing:
                 return
             self.meter.note_input_audio(audio_bytes(audio))
             await self._send_upstream(_AUDIO_APPEND_UPSTREAM % audio)
@@ -250,7 +243,7 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
         except client_events.RefusedEvent as refused:
             await self.send_event(error_event(refused.code, str(refused)))
             return
-        if self.upstream is None or self.closing:
+        if self.upstream is None or self.lifecycle.closing:
             return
         if event["type"] == "input_audio_buffer.append":
             self.meter.note_input_audio(audio_bytes(event["audio"]))
@@ -268,11 +261,12 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
         whole conversation as input the moment a response starts, so the budgets are checked
         before, not after (``SessionMeter.reserve_response``). A browser's ``response.create``
         while one runs is refused as upstream would (one response at a time); a spoken turn
-        or a tool result waits for the running response to be booked, and so does a browser's
-        request that comes after ``response.done`` but before the booking."""
-        if self.upstream is None or self.closing or self.cutoff:
+        or a tool result waits for the running response to be settled, and so does a
+        browser's request that comes after ``response.done`` but before the settlement."""
+        life = self.lifecycle
+        if self.upstream is None or life.closing or life.cutoff:
             return
-        if requested and (self.response_running or self.create_waiting):
+        if requested and (life.running or life.create_waiting):
             await self.send_event(
                 error_event(
                     "conversation_already_has_active_response",
@@ -280,15 +274,13 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
                 )
             )
             return
-        if not self.response_idle.is_set():
+        if not life.idle:
             # A response is running, or its usage is still being booked: decide once the
             # ledger has it, or the check would use a stale spend.
-            if not self.create_waiting:
-                self.create_waiting = True
+            if life.wait_to_create():
                 self._spawn(self._create_response_when_idle())
             return
-        self.response_running = True
-        self.response_idle.clear()
+        life.reserve()
         try:
             # Policy edits (caps, spend limits) reach running sessions at their next answer.
             self.policy = await policy_cache.aget()
@@ -296,7 +288,7 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
             admission = await self.meter.reserve_response()
         except Exception as exc:  # no hold, no response: the budgets cannot be checked
             logger.error("could not reserve a response: %s", exc.__class__.__name__)
-            self._response_over()
+            life.not_started()
             await self.close_with(
                 CLOSE_UPSTREAM_FAILURE,
                 error_event(
@@ -306,30 +298,27 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
             )
             return
         if not admission.allowed:
-            self._response_over()
+            life.not_started()
             code, event = self.meter.refusal(admission)
             await self.close_with(code, event, admission.reason)
             return
-        self.creates += 1
-        self.create_sent_id = f"ducke_create_{self.creates}"
-        await self._send_upstream(
-            json.dumps({"type": "response.create", "event_id": self.create_sent_id})
-        )
+        event_id = life.request()
+        if event_id is None:  # upstream went away meanwhile: the session is ending
+            return
+        await self._send_upstream(json.dumps({"type": "response.create", "event_id": event_id}))
 
-    def _response_over(self):
-        """No response runs any more (booked, refused or never started)."""
-        self.response_running = False
-        self.create_sent_id = None
-        self.response_idle.set()
+    async def _create_response_when_idle(self):
+        await self.lifecycle.wait_idle()
+        self.lifecycle.stop_waiting()
+        await self._create_response()
 
     async def _release_unstarted(self):
         """Upstream refused the response just requested: give its hold back."""
-        self.active_response = None
         try:
             await self.meter.release_reservation()
         except Exception as exc:  # the hold expires with its window; the session goes on
             logger.warning("could not release a reservation: %s", exc.__class__.__name__)
-        self._response_over()
+        self.lifecycle.not_started()
 
     async def _send_upstream(self, text):
         try:
@@ -349,23 +338,29 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
                     event = json.loads(raw)
                 except ValueError:
                     continue
-                if event.get("type") == "response.done":
+                kind = event.get("type")
+                if kind == "response.done":
                     # Over for the browser from the moment it can see this: a response.create
-                    # it sends now waits for the booking instead of being refused.
-                    self.response_running = False
-                if not self.closing:
-                    if send_backlog(self.base_send) > self.max_backlog:
-                        await self._end_for_slow_client()
-                    else:
-                        await self.send(text_data=raw)
-                await self._on_upstream_event(event)
+                    # it sends now waits for the settlement instead of being refused.
+                    self.lifecycle.done()
+                await self._forward(raw)
+                await self._on_upstream_event(kind, event)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             logger.warning("upstream read failed: %s", exc.__class__.__name__)
-        self.response_idle.set()
-        if not self.closing:
+        self.lifecycle.upstream_lost()
+        if not self.lifecycle.closing:
             await self._end_for_upstream("The voice service ended the session unexpectedly.")
+
+    async def _forward(self, raw):
+        """Relay one upstream frame as it came, unless the browser stopped reading."""
+        if self.lifecycle.closing:
+            return
+        if send_backlog(self.base_send) > self.max_backlog:
+            await self._end_for_slow_client()
+        else:
+            await self.send(text_data=raw)
 
     async def _end_for_slow_client(self):
         """The browser does not read what it asked for: end the session (usage is still
@@ -380,33 +375,24 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
             end_reason="error",
         )
 
-    async def _on_upstream_event(self, event):
-        kind = event.get("type")
+    async def _on_upstream_event(self, kind, event):
         if kind == "response.output_audio.delta":
-            reason = self.meter.note_output_audio(
-                event.get("response_id"), audio_bytes(event.get("delta"))
-            )
-            if reason and self.cutoff is None:
-                await self._cut_off(reason, event.get("response_id"))
+            await self._on_audio_delta(event.get("response_id"), audio_bytes(event.get("delta")))
         elif kind == "response.created":
-            self.active_response = (event.get("response") or {}).get("id")
-            self.create_sent_id = None
-            self.meter.note_response_started(self.active_response)
-            self.response_idle.clear()
+            response_id = (event.get("response") or {}).get("id")
+            self.lifecycle.created(response_id)
+            self.meter.note_response_started(response_id)
         elif kind == "response.done":
             # The hold is taken now: a retried booking (database away) settles this same hold,
             # and the next answer may be reserved meanwhile.
             reservation = self.meter.take_reservation(
                 (event.get("response") or {}).get("id") or event.get("response_id")
             )
-            await self._book(self.meter.charge_response, event, reservation)
-            self.active_response = None
-            self._response_over()
-            await self._after_response()
+            await self._settle(event, reservation)
         elif kind == "error":
-            if self.create_sent_id is not None and self.active_response is None:
+            if self.lifecycle.requested:
                 error = event.get("error") or {}
-                if error.get("event_id") == self.create_sent_id or error.get("code") == (
+                if error.get("event_id") == self.lifecycle.create_event_id or error.get("code") == (
                     "conversation_already_has_active_response"
                 ):
                     await self._release_unstarted()
@@ -419,16 +405,21 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
                     TRANSCRIPTION_MODEL,
                 )
         elif kind == "response.function_call_arguments.done":
-            self.tools_running += 1
+            self.lifecycle.tool_started()
             self._spawn(self._run_tool(event))
         elif kind == "input_audio_buffer.committed":
             # Server VAD ended a spoken turn; upstream does not answer by itself
             # (create_response is off), so the answer passes the budget check too.
             await self._create_response()
 
+    async def _on_audio_delta(self, response_id, nbytes):
+        """Project the running response's cost; cut it off before it overspends."""
+        reason = self.meter.note_output_audio(response_id, nbytes)
+        if reason and self.lifecycle.cut_off(reason):
+            await self._cut_off(reason, response_id)
+
     async def _cut_off(self, reason, response_id):
         """Cancel the running response before it overspends; the session ends after booking."""
-        self.cutoff = reason
         logger.info("cutting off response %s: projected %s limit", response_id, reason)
         cancel = {"type": "response.cancel"}
         if response_id:
@@ -438,13 +429,20 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
         except Exception as exc:
             logger.warning("could not cancel upstream: %s", exc.__class__.__name__)
 
+    async def _settle(self, event, reservation):
+        """Book a finished response (settling its hold), then go on: cutoff or tools."""
+        await self._book(self.meter.charge_response, event, reservation)
+        self.lifecycle.settled()
+        await self._after_response()
+
     async def _after_response(self):
         """After a booked response: end the session on a cutoff, else answer pending tools."""
-        if self.cutoff and not self.closing:
+        life = self.lifecycle
+        if life.cutoff and not life.closing:
             await self.close_with(
-                close_code_for(self.cutoff),
-                exceeded_event(self.cutoff, refusal_message(self.cutoff), 0),
-                self.cutoff,
+                close_code_for(life.cutoff),
+                exceeded_event(life.cutoff, refusal_message(life.cutoff), 0),
+                life.cutoff,
             )
             return
         await self._flush_tool_outputs()
@@ -483,17 +481,12 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
         for warning in outcome.warnings:
             await self.send_event(warning)
         await self.send_event(self.meter.status())
-        if outcome.close_code and not self.closing:
+        if outcome.close_code and not self.lifecycle.closing:
             await self.close_with(
                 outcome.close_code, outcome.exceeded, outcome.exceeded.get("reason")
             )
 
     # Tools
-
-    async def _create_response_when_idle(self):
-        await self.response_idle.wait()
-        self.create_waiting = False
-        await self._create_response()
 
     async def _run_tool(self, event):
         call_id = str(event.get("call_id"))
@@ -533,14 +526,15 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
                 }
             )
         finally:
-            self.tools_running -= 1
+            self.lifecycle.tool_finished()
         await self._flush_tool_outputs()
 
     async def _flush_tool_outputs(self):
         """Send finished tool results and ask for the spoken answer once nothing is running."""
-        if self.tools_running or self.active_response or not self.pending_tool_outputs:
+        life = self.lifecycle
+        if life.tools_running or life.answering or not self.pending_tool_outputs:
             return
-        if self.upstream is None or self.closing or self.cutoff:
+        if self.upstream is None or life.closing or life.cutoff:
             return
         outputs, self.pending_tool_outputs = self.pending_tool_outputs, []
         for item in outputs:
@@ -554,7 +548,7 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
         idle_limit = float(ducke_settings.IDLE_TIMEOUT_SECONDS)
         # The slot and the heartbeat (the stale-session sweep's proof of life) together.
         next_refresh = time.monotonic() + self.quota_refresh_seconds
-        while not self.closing:
+        while not self.lifecycle.closing:
             check = self.meter.duration_events()
             for warning in check.warnings:
                 await self.send_event(warning)
@@ -562,7 +556,7 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
                 await self.close_with(check.close_code, check.exceeded, "duration")
                 return
             now = time.monotonic()
-            if now - self.last_activity >= idle_limit and self.response_idle.is_set():
+            if now - self.last_activity >= idle_limit and self.lifecycle.idle:
                 await self.close_with(
                     CLOSE_NORMAL,
                     error_event("idle_timeout", "Closed after a long silence.", "session"),
@@ -586,13 +580,14 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
     # End of session
 
     async def disconnect(self, code):
-        self.closing = True
-        await self._finish()
+        if hasattr(self, "lifecycle"):
+            self.lifecycle.close()
+            await self._finish()
 
     async def _end_for_shutdown(self):
-        if not hasattr(self, "meter") or self.finished:
+        if not hasattr(self, "meter") or self.lifecycle.finished:
             return
-        if not self.closing:
+        if not self.lifecycle.closing:
             self.end_reason = "server_shutdown"
             try:
                 await self.close_with(
@@ -603,18 +598,17 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
                     "server_shutdown",
                 )
             except Exception:  # the browser may be gone already
-                self.closing = True
+                self.lifecycle.close()
         await self._finish()
 
     async def _finish(self):
         """Drain upstream so every response is booked, then close the ledger row."""
-        if self.finished or not hasattr(self, "meter"):
+        if not hasattr(self, "meter") or not self.lifecycle.finish():
             return
-        self.finished = True
-        if self.upstream is not None and not self.response_idle.is_set():
+        if self.upstream is not None and not self.lifecycle.idle:
             try:
                 await self.upstream.send(json.dumps({"type": "response.cancel"}))
-                await asyncio.wait_for(self.response_idle.wait(), DRAIN_SECONDS)
+                await asyncio.wait_for(self.lifecycle.wait_idle(), DRAIN_SECONDS)
             except Exception as exc:
                 logger.warning("draining upstream failed: %s", exc.__class__.__name__)
         if self.unbooked:
