@@ -31,7 +31,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from ducke.conf import ducke_settings
 from ducke.realtime import client_events
 from ducke.realtime.persona import TRANSCRIPTION_MODEL, session_update
-from ducke.realtime.upstream import open_upstream
+from ducke.realtime.upstream import open_upstream, read_audio_delta
 from ducke.response_lifecycle import ResponseLifecycle
 from ducke.server_workarounds import DirectReceiveMixin, ServerShutdown, send_backlog
 from ducke.tools import TOOL_SCHEMAS, run_tool
@@ -79,9 +79,14 @@ def plain_audio_append(text):
     return None
 
 
+def base64_bytes(chars):
+    """Bytes carried by ``chars`` base64 characters, without decoding them."""
+    return chars * 3 // 4
+
+
 def audio_bytes(base64_text):
     """pcm16 bytes carried by a base64 string, without decoding it."""
-    return len(base64_text) * 3 // 4 if isinstance(base64_text, str) else 0
+    return base64_bytes(len(base64_text)) if isinstance(base64_text, str) else 0
 
 
 async def _end_for_shutdown(session):
@@ -333,6 +338,13 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
         try:
             async for raw in self.upstream:
                 if isinstance(raw, bytes):
+                    continue
+                delta = read_audio_delta(raw)
+                if delta is not None:
+                    # Most of the stream: read from the frame text, no JSON parse.
+                    response_id, delta_chars = delta
+                    await self._forward(raw)
+                    await self._on_audio_delta(response_id, base64_bytes(delta_chars))
                     continue
                 try:
                     event = json.loads(raw)
