@@ -16,6 +16,13 @@ the breaker threshold) would be passed within about a second of audio, the relay
 response upstream and ends the session once the final usage is booked. A browser that leaves
 mid-response, a quota close and a server shutdown all drain upstream first, so the usage of
 every response is booked.
+
+The upstream read path never waits for the ledger: audio deltas are read without a JSON parse
+(``ducke.realtime.upstream.read_audio_delta``), and the bookings it meets (a response's
+settlement at ``response.done``, input transcriptions) run in turn in tasks while later events
+keep flowing to the browser. The response lifecycle (``ducke.response_lifecycle``) keeps the
+next reservation waiting until they are over, and the session's end too (bounded). Where
+the relay reaches into daphne, Twisted or Channels: ``ducke.server_workarounds``.
 The quotas app guards the connection before this consumer runs
 (``quotas.guards.ConnectionGuard``: rate limit, concurrent sessions, hourly cap, breaker).
 """
@@ -131,6 +138,7 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
         self.last_activity = time.monotonic()
         self.pending_tool_outputs = []
         self.unbooked = []
+        self.last_booking = None  # the read path's bookings run in turn, in this chain
         server_shutdown.add(self)
         await self.accept()
         self.meter = SessionMeter(
@@ -400,7 +408,7 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
             reservation = self.meter.take_reservation(
                 (event.get("response") or {}).get("id") or event.get("response_id")
             )
-            await self._settle(event, reservation)
+            self._queue_booking(self._settle, event, reservation)
         elif kind == "error":
             if self.lifecycle.requested:
                 error = event.get("error") or {}
@@ -410,11 +418,9 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
                     await self._release_unstarted()
         elif kind == "conversation.item.input_audio_transcription.completed":
             if event.get("usage"):
-                await self._book(
-                    self.meter.charge_transcription,
-                    str(event.get("item_id")),
-                    event["usage"],
-                    TRANSCRIPTION_MODEL,
+                self.lifecycle.booking_queued()
+                self._queue_booking(
+                    self._book_transcription, str(event.get("item_id")), event["usage"]
                 )
         elif kind == "response.function_call_arguments.done":
             self.lifecycle.tool_started()
@@ -443,9 +449,17 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
 
     async def _settle(self, event, reservation):
         """Book a finished response (settling its hold), then go on: cutoff or tools."""
-        await self._book(self.meter.charge_response, event, reservation)
-        self.lifecycle.settled()
+        try:
+            await self._book(self.meter.charge_response, event, reservation)
+        finally:
+            self.lifecycle.settled()
         await self._after_response()
+
+    async def _book_transcription(self, item_id, usage):
+        try:
+            await self._book(self.meter.charge_transcription, item_id, usage, TRANSCRIPTION_MODEL)
+        finally:
+            self.lifecycle.booking_done()
 
     async def _after_response(self):
         """After a booked response: end the session on a cutoff, else answer pending tools."""
@@ -460,6 +474,19 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
         await self._flush_tool_outputs()
 
     # Booking: exactly once (the meter is idempotent), retried while the database is away.
+    # The upstream read path hands its bookings to a chain of tasks and goes on forwarding;
+    # the lifecycle keeps the next reservation (and the session's end) waiting for them.
+
+    def _queue_booking(self, book, *args):
+        """Run ``book(*args)`` after the bookings queued before it, off the read path."""
+        previous = self.last_booking
+
+        async def in_turn():
+            if previous is not None:
+                await asyncio.wait({previous})
+            await book(*args)
+
+        self.last_booking = self._spawn(in_turn())
 
     async def _book(self, charge, *args):
         try:
@@ -614,15 +641,22 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
         await self._finish()
 
     async def _finish(self):
-        """Drain upstream so every response is booked, then close the ledger row."""
+        """Drain upstream and wait for the bookings so every response is booked, then close
+        the ledger row."""
         if not hasattr(self, "meter") or not self.lifecycle.finish():
             return
-        if self.upstream is not None and not self.lifecycle.idle:
+        life = self.lifecycle
+        if self.upstream is not None and life.running:
             try:
                 await self.upstream.send(json.dumps({"type": "response.cancel"}))
-                await asyncio.wait_for(self.lifecycle.wait_idle(), DRAIN_SECONDS)
-            except Exception as exc:
+            except Exception as exc:  # upstream is gone: its read ends, nothing more is owed
                 logger.warning("draining upstream failed: %s", exc.__class__.__name__)
+        if not life.idle:
+            # The running response's done, its settlement and the other bookings, bounded.
+            try:
+                await asyncio.wait_for(life.wait_idle(), DRAIN_SECONDS)
+            except TimeoutError:
+                logger.warning("session ended before its bookings (%r)", life)
         if self.unbooked:
             await self._retry_bookings(deadline=time.monotonic() + DRAIN_SECONDS)
             if self.unbooked:

@@ -8,11 +8,14 @@ At most one response runs at a time. The relay moves it along:
 ``reserving``: its worst case is being reserved against every cap; ``requested``: the
 ``response.create`` is sent, upstream has not created it yet; ``streaming``: upstream
 created it (``response.created``) and streams it until ``response.done``; ``settling``: its
-``response.done`` is in and its booking (the settlement of its hold) is running. A response
+``response.done`` is in and its booking (the settlement of its hold) is running, off the
+upstream read path: upstream events keep flowing to the browser meanwhile. A response
 that does not start (``not_started``: the reservation refused or failed, upstream refused
 the request) and one whose upstream is gone (``upstream_lost``) go back to ``idle``.
 
-Beside it: the next response waiting for the current one to settle (``create_waiting``),
+Beside it: the other bookings the upstream stream asked for (input transcriptions), which
+the next reservation waits for too, so it never decides on a stale spend; the next response
+waiting for the current one to settle (``create_waiting``),
 the tool calls running (their results wait until no answer streams or settles), a cutoff
 (the running answer was cancelled before it overspent: the session ends once it is booked),
 and the session's own end (``closing``: nothing more goes to the browser; ``finished``: the
@@ -41,6 +44,7 @@ class ResponseLifecycle:
         self.create_event_id = None  # the event_id of the response.create sent
         self.creates = 0
         self.settlements = 0  # response.done events whose booking is not over yet
+        self.bookings = 0  # other bookings of the read path not over yet (transcriptions)
         self.create_waiting = False
         self.tools_running = 0
         self.cutoff = None
@@ -56,8 +60,9 @@ class ResponseLifecycle:
 
     @property
     def idle(self):
-        """No response runs and none is being settled: the next one may be reserved."""
-        return self.state == IDLE
+        """No response runs, none is being settled and no booking is pending: the next
+        response may be reserved."""
+        return self.state == IDLE and not self.bookings
 
     @property
     def running(self):
@@ -140,6 +145,15 @@ class ResponseLifecycle:
 
     # -- around the response -------------------------------------------------------------------
 
+    def booking_queued(self):
+        """A booking that is not a response's (an input transcription) is pending."""
+        self.bookings += 1
+        self._move(self.state)
+
+    def booking_done(self):
+        self.bookings = max(0, self.bookings - 1)
+        self._move(self.state)
+
     def wait_to_create(self):
         """The next response waits for this one to settle; False when one waits already."""
         if self.create_waiting:
@@ -177,7 +191,7 @@ class ResponseLifecycle:
 
     def _move(self, state):
         self.state = state
-        if state == IDLE:
+        if self.idle:
             self._idle.set()
         else:
             self._idle.clear()

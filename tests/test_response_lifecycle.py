@@ -121,6 +121,32 @@ def test_two_dones_settle_in_turn():
     assert life.idle and life.settlements == 0
 
 
+def test_a_pending_booking_keeps_the_next_reservation_waiting():
+    life = streaming()
+    life.booking_queued()  # an input transcription, booked while the answer streams
+    life.done()
+    life.settled()
+    assert life.state == IDLE and not life.idle and not life.running
+    life.booking_done()
+    assert life.idle
+    life = ResponseLifecycle()
+    life.booking_queued()
+    assert not life.idle
+    life.booking_done()
+    life.booking_done()  # one too many changes nothing
+    assert life.idle and life.bookings == 0
+
+
+async def test_wait_idle_returns_once_the_bookings_are_done():
+    life = ResponseLifecycle()
+    life.booking_queued()
+    waiter = asyncio.ensure_future(life.wait_idle())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    life.booking_done()
+    await asyncio.wait_for(waiter, 1)
+
+
 def test_create_waiting_once():
     life = streaming()
     assert life.wait_to_create() is True
