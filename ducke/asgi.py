@@ -20,9 +20,10 @@ except SystemCheckError as error:
     sys.stderr.write(f"DUCK-E cannot start:\n{error}\n")
     raise SystemExit(1) from None
 
+from quotas.realtime.text_tokens import load_o200k  # noqa: E402
 from quotas.startup import prepare_process  # noqa: E402
 
-prepare_process()
+prepare_process(load_o200k)
 
 from ducke.server_workarounds import allow_server_close_codes  # noqa: E402
 

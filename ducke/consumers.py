@@ -45,9 +45,9 @@ from ducke.tools import TOOL_SCHEMAS, run_tool
 from quotas.caps import Identity
 from quotas.consumers import QuotaConsumerMixin
 from quotas.guards import scope_client_ip
-from quotas.meter import SessionMeter
 from quotas.policies import policy_cache
 from quotas.protocol import close_code_for, exceeded_event, refusal_message
+from quotas.realtime.meter import SessionMeter
 
 logger = logging.getLogger("ducke.session")
 

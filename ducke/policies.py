@@ -6,6 +6,8 @@ Loaded by the quotas data migrations on a fresh install and restored by
 
 from decimal import Decimal as D
 
+from quotas.realtime.prices import PRICE_SHEETS
+
 DEFAULT_RULES = (
     # name, scope, target, key, limit, window_seconds
     ("status", "http", "/status", "ip", 60, 60),
@@ -28,8 +30,8 @@ DEFAULT_POLICIES = {
     # hour, breaker at $100, 2 sessions per client, 1,000 output tokens per answer).
     "budget": {},
     "spend_limits": DEFAULT_SPEND_LIMITS,
-    # The conservative sheet of the product brief (quotas.defaults.PRICE_SHEETS).
-    "price_sheet": "default",
+    # The conservative sheet of the product brief.
+    "price_sheet": PRICE_SHEETS["default"],
     # USD per call on top of the tool's tokens (OpenAI bills web search per call).
     "tool_prices": {"web_search": D("0.025")},
 }

@@ -17,8 +17,8 @@ from ducke.consumers import SessionConsumer
 from ducke.origin import WebsocketOriginValidator, refuse_handshake
 from quotas.edge import count_hit
 from quotas.guards import ConnectionGuard
-from quotas.meter import smallest_answer_micro
-from quotas.text_tokens import text_token_bound
+from quotas.realtime.meter import smallest_answer_micro
+from quotas.realtime.text_tokens import text_token_bound
 
 logger = logging.getLogger("ducke.routing")
 

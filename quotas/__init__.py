@@ -5,7 +5,7 @@ view, ``check(request_or_scope, rule_name)`` / ``acheck(...)`` count a hit and r
 decision without a response. Importing ``quotas`` loads no model: the names resolve lazily.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["Check", "acheck", "check", "edge_key", "ratelimit"]
 
 

@@ -91,10 +91,6 @@ def check_of(decision):
     )
 
 
-def _result(rule, decision):
-    return check_of(decision)
-
-
 def _record(rule, decision):
     from .events import record_violation
     from .metrics import rate_limit_exceeded_total
@@ -106,38 +102,50 @@ def _record(rule, decision):
         record_violation(rule.name, rule.scope, f"rule:{rule.name}", shadow=True)
 
 
+# One plan for check() and acheck(); only reading the snapshot, the identity and the
+# limiter's call differ (sync or async).
+
+
+def _applicable(snapshot, rule_name):
+    """The enabled rule to count against, or None (quotas off, no such rule): allow."""
+    return _rule(snapshot, rule_name) if snapshot is not None else None
+
+
+def _limits(rule, request_or_scope):
+    from .middleware import limits_for
+
+    client, user_id = _identity(request_or_scope)
+    return limits_for((rule,), client, user_id, request_or_scope)
+
+
+def _outcome(rule, decision):
+    _record(rule, decision)
+    return check_of(decision)
+
+
 def check(request_or_scope, rule_name):
     """Count one hit against ``rule_name`` (sync); a ``Check`` says whether it may go on."""
     from .limiter import get_limiter
-    from .middleware import limits_for
     from .policies import policy_cache
 
-    if not quota_settings.ENABLED:
-        return Check(True, rule_name)
-    rule = _rule(policy_cache.get(), rule_name)
+    snapshot = policy_cache.get() if quota_settings.ENABLED else None
+    rule = _applicable(snapshot, rule_name)
     if rule is None:
         return Check(True, rule_name)
-    client, user_id = _identity(request_or_scope)
-    decision = get_limiter().hit(limits_for((rule,), client, user_id, request_or_scope))
-    _record(rule, decision)
-    return _result(rule, decision)
+    return _outcome(rule, get_limiter().hit(_limits(rule, request_or_scope)))
 
 
 async def acheck(request_or_scope, rule_name):
     """``check()`` for async code: the limiter's Redis call does not block the event loop."""
     from .limiter import get_limiter
-    from .middleware import limits_for
     from .policies import policy_cache
 
-    if not quota_settings.ENABLED:
-        return Check(True, rule_name)
-    rule = _rule(await policy_cache.aget(), rule_name)
+    snapshot = await policy_cache.aget() if quota_settings.ENABLED else None
+    rule = _applicable(snapshot, rule_name)
     if rule is None:
         return Check(True, rule_name)
-    client, user_id = await sync_to_async(_identity)(request_or_scope)
-    decision = await get_limiter().ahit(limits_for((rule,), client, user_id, request_or_scope))
-    _record(rule, decision)
-    return _result(rule, decision)
+    limits = await sync_to_async(_limits)(rule, request_or_scope)  # a lazy user may query
+    return _outcome(rule, await get_limiter().ahit(limits))
 
 
 def refusal_response(request, result):

@@ -135,3 +135,32 @@ def client_ip(remote_addr, forwarded_for, trusted_proxies, *, ipv6_prefix=None, 
     if address is None:
         return (remote_addr or "unknown")[:64]
     return client_identity(address, ipv6_prefix=ipv6_prefix, ipv4_prefix=ipv4_prefix)
+
+
+_REMEMBERED_CLIENTS = 4096
+_REMEMBERED_HEADER_CHARS = 256  # a longer X-Forwarded-For is worked out each time
+
+
+def configured_client_ip(remote_addr, forwarded_for):
+    """``client_ip`` under the ``QUOTAS_*`` settings (trusted proxies, prefixes).
+
+    Requests come again and again from the same few clients: the answers for the last 4096
+    (peer, X-Forwarded-For) pairs are remembered, keyed by the settings too. The cache is
+    bounded (least recently used out), so a flood of made-up headers evicts, never grows it.
+    """
+    trusted = quota_settings.TRUSTED_PROXIES
+    if isinstance(trusted, list | tuple):
+        trusted = tuple(trusted)
+    ipv6, ipv4 = quota_settings.IPV6_PREFIX, quota_settings.IPV4_PREFIX
+    # Not a whole number: _prefix() reads the setting itself and falls back to the default.
+    ipv6 = ipv6 if isinstance(ipv6, int) else None
+    ipv4 = ipv4 if isinstance(ipv4, int) else None
+    remote_addr, forwarded_for = remote_addr or "", forwarded_for or ""
+    if len(forwarded_for) > _REMEMBERED_HEADER_CHARS or len(remote_addr) > 64:
+        return client_ip(remote_addr, forwarded_for, trusted, ipv6_prefix=ipv6, ipv4_prefix=ipv4)
+    return _remembered_client_ip(remote_addr, forwarded_for, trusted, ipv6, ipv4)
+
+
+@lru_cache(maxsize=_REMEMBERED_CLIENTS)
+def _remembered_client_ip(remote_addr, forwarded_for, trusted, ipv6, ipv4):
+    return client_ip(remote_addr, forwarded_for, trusted, ipv6_prefix=ipv6, ipv4_prefix=ipv4)

@@ -46,6 +46,7 @@ QUOTAS_EVENT_FLUSH_SECONDS     how often buffered event counts are written, defa
 """
 
 from django.conf import settings
+from django.core.signals import setting_changed
 
 FAIL_MODES = ("local", "open", "closed")
 
@@ -80,12 +81,29 @@ _DEFAULTS = {
 
 
 class QuotasSettings:
-    """Attribute access to ``QUOTAS_*`` settings with defaults, evaluated on each access."""
+    """Attribute access to ``QUOTAS_*`` settings with defaults.
+
+    Values are read once and kept until a setting changes (Django's ``setting_changed``, sent
+    by ``override_settings`` and pytest-django's ``settings``), as Django's own settings
+    object keeps what it has read: the request path reads several of them per request.
+    """
+
+    def __init__(self):
+        self._values = {}
 
     def __getattr__(self, name):
-        if name not in _DEFAULTS:
+        values = self.__dict__.get("_values")
+        if values is None or name not in _DEFAULTS:
             raise AttributeError(name)
-        return getattr(settings, f"QUOTAS_{name}", _DEFAULTS[name])
+        try:
+            return values[name]
+        except KeyError:
+            value = values[name] = getattr(settings, f"QUOTAS_{name}", _DEFAULTS[name])
+            return value
+
+    def forget(self):
+        """Read every setting again on its next access."""
+        self._values = {}
 
     @property
     def budget_timezone(self):
@@ -100,6 +118,14 @@ class QuotasSettings:
 
 
 quota_settings = QuotasSettings()
+
+
+def _setting_changed(setting, **kwargs):
+    if setting.startswith("QUOTAS_"):
+        quota_settings.forget()
+
+
+setting_changed.connect(_setting_changed)
 
 
 def default(name):

@@ -1,4 +1,4 @@
-"""Fresh-install policies, and the published price sheets, as plain data.
+"""Fresh-install policies as plain data, and loading them.
 
 Installing ``quotas`` alone loads a neutral set: one active budget policy with the
 ``DEFAULT_BUDGET`` caps and no rule, spend limit or price. A project declares its own
@@ -8,19 +8,22 @@ fresh-install policies with ``QUOTAS_DEFAULT_POLICIES``, the dotted path of a di
         "rules": ((name, scope, target, key, limit, window_seconds), ...),
         "budget": {field: value, ...},           # over DEFAULT_BUDGET
         "spend_limits": ((name, key, cap_usd, period, window_seconds), ...),
-        "price_sheet": "default",                # a PRICE_SHEETS name, or None
+        "price_sheet": {model: prices, ...},     # or None
         "tool_prices": {tool: usd_per_call, ...},
     }
 
 The data migrations and ``manage.py quotas_load_defaults`` load them; rows that exist are
-kept as they are. Prices are USD per 1M tokens in the order of ``ModelPrice.TOKEN_KINDS``:
-text in, cached text in, audio in, cached audio in, text out, audio out.
+kept as they are. A sheet's prices are USD per 1M tokens in the order of
+``quotas.pricing.TOKEN_KINDS``: text in, cached text in, audio in, cached audio in, text out,
+audio out (the Realtime add-on publishes OpenAI's: ``quotas.realtime.prices.PRICE_SHEETS``).
 """
 
 from datetime import UTC, datetime
 from decimal import Decimal as D
 
 from django.utils.module_loading import import_string
+
+from .pricing import TOKEN_KINDS
 
 DEFAULT_BUDGET = {
     "name": "default",
@@ -36,56 +39,6 @@ DEFAULT_BUDGET = {
 
 # Far enough back that every ledger row finds a price.
 SHEET_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
-
-
-def _flat(input_price, output_price):
-    i, o = D(input_price), D(output_price)
-    return (i, i, i, i, o, o)
-
-
-def _chat(input_price, cached_price, output_price):
-    # Chat models take no audio; audio kinds carry the text prices so nothing is ever free.
-    i, c, o = D(input_price), D(cached_price), D(output_price)
-    return (i, c, i, c, o, o)
-
-
-PRICE_SHEETS = {
-    # The conservative sheet a fresh install loads (the product brief's).
-    "default": {
-        "gpt-5": _flat("10", "30"),
-        "gpt-5-mini": _flat("3", "15"),
-        "gpt-realtime": _flat("100", "200"),
-    },
-    # OpenAI's published list prices, late 2026 (shared/REALTIME.md).
-    "list": {
-        "gpt-realtime": tuple(map(D, ("4.00", "0.40", "32.00", "0.40", "16.00", "64.00"))),
-        "gpt-realtime-mini": tuple(map(D, ("0.60", "0.06", "10.00", "0.30", "2.40", "20.00"))),
-        "gpt-4o-realtime-preview": tuple(
-            map(D, ("5.00", "2.50", "40.00", "2.50", "20.00", "80.00"))
-        ),
-        "gpt-5": _chat("1.25", "0.125", "10.00"),
-        "gpt-5-mini": _chat("0.25", "0.025", "2.00"),
-        "gpt-4o-mini": _chat("0.15", "0.075", "0.60"),
-        "gpt-4o-transcribe": (D("2.50"), D("2.50"), D("2.50"), D("2.50"), D("10.00"), D("10.00")),
-        "gpt-4o-mini-transcribe": (
-            D("1.25"),
-            D("1.25"),
-            D("1.25"),
-            D("1.25"),
-            D("5.00"),
-            D("5.00"),
-        ),
-    },
-}
-
-TOKEN_KINDS = (
-    "text_input",
-    "cached_text_input",
-    "audio_input",
-    "cached_audio_input",
-    "text_output",
-    "audio_output",
-)
 
 
 NEUTRAL_POLICIES = {
@@ -144,22 +97,21 @@ def load_defaults(
         budget = {**DEFAULT_BUDGET, **policies["budget"]}
         budget_model.objects.create(**{k: v for k, v in budget.items() if k in names})
     if policies["price_sheet"]:
-        load_price_sheet(
-            price_model, policies["price_sheet"], SHEET_EPOCH, note="fresh-install sheet"
-        )
+        load_prices(price_model, policies["price_sheet"], SHEET_EPOCH, note="fresh-install sheet")
     version_model.objects.get_or_create(pk=1, defaults={"version": 1})
 
 
-def load_price_sheet(price_model, sheet, effective_from, note=""):
-    """Insert one sheet's prices at ``effective_from``; returns how many rows were new."""
+def load_prices(price_model, sheet, effective_from, note=""):
+    """Insert one sheet's prices (``{model: prices}``) at ``effective_from``; returns how many
+    rows were new."""
     created = 0
-    for model, prices in PRICE_SHEETS[sheet].items():
+    for model, prices in sheet.items():
         _, made = price_model.objects.get_or_create(
             model=model,
             effective_from=effective_from,
             defaults={
                 **dict(zip(TOKEN_KINDS, prices, strict=True)),
-                "note": note or f"{sheet} sheet",
+                "note": note,
             },
         )
         created += made

@@ -11,20 +11,33 @@ rule, combining this decision with the one ``RateLimitMiddleware`` makes later f
 that need the user (``user`` keys, unmarked key functions).
 
 Refusals are counted (``rate_limit_exceeded_total``, the violation events) and logged at most
-once per rule and client per window; nothing else is written per refusal, so a flood costs
-a few hundred microseconds a request.
+once per rule and client per window; nothing else is written per refusal. A refusal that must
+stand (``RefusalMemory``) is answered again from memory, without asking the limiter (no Redis
+round trip), until its limit frees or ``QUOTAS_POLICY_REFRESH_SECONDS`` pass. The rules of a
+path and the client identity of a peer and X-Forwarded-For are looked up in bounded caches,
+so a flood costs a few dozen microseconds of Python a request.
 """
 
-import json
+import functools
+import itertools
 import logging
 import time
 
 from .conf import quota_settings
+from .events import record_violation
+from .limiter import Decision, LimitState, get_limiter
+from .metrics import rate_limit_check_duration_seconds, rate_limit_exceeded_total
+from .policies import policy_cache
+from .refusal import ratelimit_headers, refusal_answer, refusing_state
 
 logger = logging.getLogger("quotas.edge")
 
 SCOPE_KEY = "quotas_edge"  # scope entry: {"decision": edge Decision, "decided": rule names}
 _LOG_SLOTS = 4096
+_MEMORY_SLOTS = 4096
+_PATH_SLOTS = 1024
+_PATH_CHARS = 256  # a longer path is matched against the rules each time
+_ENGINES_REMEMBERED = ("redis", "local")  # exact answers; not the fail-open/closed stand-ins
 
 
 def edge_key(function):
@@ -45,61 +58,218 @@ def decided_at_edge(rule):
     return bool(getattr(function, "quotas_edge", False))
 
 
+class Deadlines:
+    """A bounded map ``key -> (deadline, value)``; an entry lives while its deadline is ahead.
+
+    When full, the expired entries go; if it is still full, ``put`` either refuses the new
+    entry (``evict=False``) or drops the oldest eighth of the entries to make room.
+    """
+
+    def __init__(self, size, *, evict):
+        self.size = size
+        self.evict = evict
+        self._entries = {}
+
+    def live(self, key, now):
+        """``(deadline, value)`` of ``key`` if its deadline is after ``now``, else None."""
+        entry = self._entries.get(key)
+        return entry if entry is not None and entry[0] > now else None
+
+    def put(self, key, deadline, now, value=None):
+        """Keep ``key`` until ``deadline``; False when full and not evicting."""
+        entries = self._entries
+        if key not in entries and len(entries) >= self.size:
+            entries = self._entries = {k: e for k, e in entries.items() if e[0] > now}
+            if len(entries) >= self.size:
+                if not self.evict:
+                    return False
+                for old in list(itertools.islice(entries, max(1, self.size // 8))):
+                    del entries[old]
+        entries[key] = (deadline, value)
+        return True
+
+    def __len__(self):
+        return len(self._entries)
+
+    def clear(self):
+        self._entries = {}
+
+
 class RefusalLog:
     """Logs a refusal once per rule and client per window (bounded memory)."""
 
     def __init__(self, timer=time.monotonic):
         self.timer = timer
-        self._until = {}
+        self._until = Deadlines(_LOG_SLOTS, evict=False)
 
     def should_log(self, rule, client, window_seconds):
         now = self.timer()
         key = (rule, client)
-        if self._until.get(key, 0.0) > now:
+        if self._until.live(key, now) is not None:
             return False
-        if len(self._until) >= _LOG_SLOTS:
-            self._until = {k: v for k, v in self._until.items() if v > now}
-            if len(self._until) >= _LOG_SLOTS:
-                return False
-        self._until[key] = now + float(window_seconds)
-        return True
+        return self._until.put(key, now + float(window_seconds), now)
+
+    def clear(self):
+        self._until.clear()
 
 
 refusal_log = RefusalLog()
 
 
-def _headers(decisions):
-    """The ``RateLimit-*`` headers of the tightest enforced state over ``decisions``."""
-    from .limiter import ceil_seconds
+class RefusalMemory:
+    """Refusals answered without asking the limiter again while they must stand.
 
-    states = [s for d in decisions if d is not None for s in d.states if s.limit.enforce]
-    if not states:
-        return []
-    tightest = min(states, key=lambda s: (s.remaining, -s.reset_seconds))
-    return [
-        (b"ratelimit-limit", str(tightest.limit.limit).encode()),
-        (b"ratelimit-remaining", str(tightest.remaining).encode()),
-        (b"ratelimit-reset", str(ceil_seconds(tightest.reset_seconds)).encode()),
-    ]
+    A refused hit is not counted, and other processes can only add hits, so a limit that
+    refused with ``reset_seconds`` T keeps refusing for T: the limiter would say the same.
+    Each refusing limit (its counter key, limit and window: a rule edited to other values is
+    another entry) is remembered until ``min(T, QUOTAS_POLICY_REFRESH_SECONDS)`` from now, so a
+    limit an operator raised, or a counter the operator cleared, is seen within the policy
+    refresh interval, as any policy edit is. Requests with a shadow limit always ask the
+    limiter (it counts them). Answers of another limiter (rebuilt after a setting changed) are
+    forgotten. Bounded: ``_MEMORY_SLOTS`` entries, the oldest dropped when full.
+    """
+
+    def __init__(self, timer=time.monotonic, size=_MEMORY_SLOTS):
+        self.timer = timer
+        self._refused = Deadlines(size, evict=True)
+        self._limiter = None
+
+    @staticmethod
+    def _key(limit):
+        return (limit.key, limit.limit, limit.window_seconds)
+
+    def remember(self, limiter, decision):
+        """Remember the refusing limits of ``decision``, what ``limiter`` answered."""
+        if decision.allowed or decision.engine not in _ENGINES_REMEMBERED:
+            return
+        if limiter is not self._limiter:
+            self._forget_all(limiter)
+        now = self.timer()
+        refresh = float(quota_settings.POLICY_REFRESH_SECONDS)
+        for state in decision.refusing:
+            wait = state.reset_seconds
+            if wait > 0:
+                until = now + min(wait, refresh)
+                self._refused.put(self._key(state.limit), until, now, (now + wait, decision.engine))
+
+    def recall(self, limiter, limits):
+        """A refused ``Decision`` for ``limits`` from memory, or None: ask the limiter."""
+        if limiter is not self._limiter:
+            self._forget_all(limiter)
+            return None
+        if not len(self._refused):
+            return None
+        now = self.timer()
+        states = []
+        engine = None
+        for limit in limits:
+            if not limit.enforce:
+                return None
+            entry = self._refused.live(self._key(limit), now)
+            if entry is not None:
+                free_at, engine = entry[1]
+                states.append(LimitState(limit, limit.limit, max(0.0, free_at - now), False))
+        if not states:
+            return None
+        return Decision(allowed=False, states=tuple(states), engine=engine)
+
+    def _forget_all(self, limiter):
+        self._refused.clear()
+        self._limiter = limiter
+
+    def clear(self):
+        self._refused.clear()
+
+
+refusal_memory = RefusalMemory()
+
+
+class EdgeRules:
+    """The rules the edge decides for a path, per policy snapshot (bounded cache)."""
+
+    def __init__(self, size=_PATH_SLOTS):
+        self.size = size
+        self._snapshot = None
+        self._rules = {}
+
+    def of(self, snapshot, path):
+        if snapshot is not self._snapshot:
+            self._snapshot, self._rules = snapshot, {}
+        rules = self._rules.get(path)
+        if rules is None:
+            rules = tuple(r for r in snapshot.rules_for("http", path) if decided_at_edge(r))
+            if len(path) <= _PATH_CHARS:
+                if len(self._rules) >= self.size:
+                    self._rules = {}
+                self._rules[path] = rules
+        return rules
+
+
+edge_rules = EdgeRules()
+
+
+async def decide(scope, memory=refusal_memory):
+    """Count one hit of ``scope`` (HTTP or WebSocket) against the edge's rules of its path.
+
+    Returns ``(rules, client, decision)``, or None when no such rule applies. Refusals and
+    shadow overs are counted here (``rate_limit_exceeded_total``, the violation events).
+    """
+    from .guards import scope_client_ip
+    from .middleware import limits_for
+
+    rules = edge_rules.of(await policy_cache.aget(), scope.get("path", ""))
+    if not rules:
+        return None
+    client = scope_client_ip(scope)
+    limits = limits_for(rules, client, None, scope)
+    limiter = get_limiter()
+    decision = memory.recall(limiter, limits)
+    endpoint = rules[0].target
+    if decision is None:
+        started = time.perf_counter()
+        decision = await limiter.ahit(limits)
+        rate_limit_check_duration_seconds.labels(endpoint=endpoint).observe(
+            time.perf_counter() - started
+        )
+        memory.remember(limiter, decision)
+    _count(scope["type"], endpoint, decision)
+    return rules, client, decision
+
+
+def _count(kind, endpoint, decision):
+    exceeded = None
+    for state in decision.states:
+        if state.over:
+            exceeded = exceeded or _exceeded_counter(endpoint)
+            if not state.limit.enforce:
+                exceeded.inc()
+                record_violation(state.limit.label, kind, endpoint, shadow=True)
+            elif not decision.allowed:
+                record_violation(state.limit.label, kind, endpoint)
+    if not decision.allowed:
+        (exceeded or _exceeded_counter(endpoint)).inc()
+
+
+@functools.lru_cache(maxsize=256)
+def _exceeded_counter(endpoint):
+    """``rate_limit_exceeded_total`` of one endpoint (a rule's target: the policy's, bounded)."""
+    return rate_limit_exceeded_total.labels(endpoint=endpoint)
 
 
 class RateLimitEdge:
     """ASGI middleware deciding the user-independent HTTP rules before Django."""
 
-    def __init__(self, application):
+    def __init__(self, application, memory=refusal_memory):
         self.application = application
+        self.memory = memory
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not quota_settings.ENABLED:
             return await self.application(scope, receive, send)
-        from .policies import policy_cache
-
-        snapshot = await policy_cache.aget()
-        path = scope.get("path", "")
-        rules = [rule for rule in snapshot.rules_for("http", path) if decided_at_edge(rule)]
-        if not rules:
+        decided = await decide(scope, self.memory)
+        if decided is None:
             return await self.application(scope, receive, send)
-        decision, client = await self._decide(scope, rules)
+        rules, client, decision = decided
         if not decision.allowed:
             return await self._refuse(scope, send, rules, decision, client)
         scope = dict(scope)
@@ -108,8 +278,7 @@ class RateLimitEdge:
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
-                later = edge.get("middleware_decision")
-                extra = _headers((decision, later))
+                extra = ratelimit_headers(decision, edge.get("middleware_decision")).asgi
                 if extra:
                     names = {name for name, _ in extra}
                     kept = [(k, v) for k, v in message.get("headers", ()) if k.lower() not in names]
@@ -118,48 +287,14 @@ class RateLimitEdge:
 
         return await self.application(scope, receive, send_with_headers)
 
-    async def _decide(self, scope, rules):
-        from .guards import scope_client_ip
-        from .limiter import get_limiter
-        from .metrics import rate_limit_check_duration_seconds
-        from .middleware import limits_for
-
-        client = scope_client_ip(scope)
-        started = time.perf_counter()
-        decision = await get_limiter().ahit(limits_for(rules, client, None, scope))
-        rate_limit_check_duration_seconds.labels(endpoint=rules[0].target).observe(
-            time.perf_counter() - started
-        )
-        self._count_shadow(rules, decision)
-        return decision, client
-
-    @staticmethod
-    def _count_shadow(rules, decision):
-        from .events import record_violation
-        from .metrics import rate_limit_exceeded_total
-
-        for state in decision.shadow_over:
-            rate_limit_exceeded_total.labels(endpoint=rules[0].target).inc()
-            record_violation(state.limit.label, "http", rules[0].target, shadow=True)
-
     async def _refuse(self, scope, send, rules, decision, client):
-        from .events import record_violation
-        from .limiter import ceil_seconds
-        from .metrics import rate_limit_exceeded_total
-
-        endpoint = rules[0].target
-        rate_limit_exceeded_total.labels(endpoint=endpoint).inc()
-        for state in decision.refusing:
-            record_violation(state.limit.label, "http", endpoint)
-        refusing = max(decision.refusing, key=lambda s: s.reset_seconds)
-        retry_after = max(1, ceil_seconds(refusing.reset_seconds))
-        limit = refusing.limit
+        limit = refusing_state(decision).limit
         if refusal_log.should_log(limit.label, client, limit.window_seconds):
             logger.info(
                 "refusing %s on %s: rule %s (%s per %ss); further refusals of this client "
                 "are not logged for %ss",
                 client,
-                endpoint,
+                rules[0].target,
                 limit.label,
                 limit.limit,
                 limit.window_seconds,
@@ -167,24 +302,11 @@ class RateLimitEdge:
             )
         if quota_settings.REFUSAL_VIEW:
             return await self._refuse_with_view(scope, send, decision)
-        body = json.dumps(
-            {
-                "error": "rate_limited",
-                "detail": f"Too many requests: at most {limit.limit} per {limit.window_seconds:g} "
-                f"seconds ({limit.label}). Try again in {retry_after} s.",
-                "limit": limit.limit,
-                "window_seconds": int(limit.window_seconds),
-                "retry_after": retry_after,
-            }
-        ).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"retry-after", str(retry_after).encode()),
-            *_headers((decision,)),
-        ]
-        await send({"type": "http.response.start", "status": 429, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        answer = refusal_answer(decision)
+        await send(
+            {"type": "http.response.start", "status": 429, "headers": list(answer.headers.asgi)}
+        )
+        await send({"type": "http.response.body", "body": answer.body})
 
     async def _refuse_with_view(self, scope, send, decision):
         """A project's own refusal view, rendered from a request built on the scope."""
@@ -207,23 +329,7 @@ class RateLimitEdge:
 async def count_hit(scope):
     """Count a connection no route serves (an unknown WebSocket path) against the HTTP rules
     of its path (the catch-all), as a request would be; returns the Decision or None."""
-    from .events import record_violation
-    from .guards import scope_client_ip
-    from .limiter import get_limiter
-    from .metrics import rate_limit_exceeded_total
-    from .middleware import limits_for
-    from .policies import policy_cache
-
     if not quota_settings.ENABLED:
         return None
-    snapshot = await policy_cache.aget()
-    rules = [r for r in snapshot.rules_for("http", scope.get("path", "")) if decided_at_edge(r)]
-    if not rules:
-        return None
-    client = scope_client_ip(scope)
-    decision = await get_limiter().ahit(limits_for(rules, client, None, scope))
-    if not decision.allowed:
-        rate_limit_exceeded_total.labels(endpoint=rules[0].target).inc()
-        for state in decision.refusing:
-            record_violation(state.limit.label, scope["type"], rules[0].target)
-    return decision
+    decided = await decide(scope)
+    return None if decided is None else decided[2]

@@ -20,12 +20,11 @@ from channels.db import database_sync_to_async
 from django.utils.translation import gettext as _
 
 from .caps import Identity
-from .clientip import client_ip
+from .clientip import configured_client_ip
 from .concurrency import SessionSlots
 from .conf import quota_settings
 from .events import record_violation
 from .limiter import ceil_seconds, get_limiter
-from .meter import admit_new_session
 from .metrics import rate_limit_exceeded_total
 from .middleware import limits_for
 from .policies import policy_cache
@@ -60,7 +59,7 @@ def scope_client_ip(scope):
     for name, value in scope.get("headers", ()):
         if name == b"x-forwarded-for":
             forwarded = value.decode("latin-1")
-    return client_ip(peer, forwarded, quota_settings.TRUSTED_PROXIES)
+    return configured_client_ip(peer, forwarded)
 
 
 async def refuse_websocket(receive, send, code, reason, message, retry_after):
@@ -80,7 +79,7 @@ class ConnectionGuard:
 
     ``room``: optional ``room(budget) -> micro-USD`` (sync; may read the database), what a
     session needs left under every cap to be worth starting (a Realtime relay: one answer
-    bounded by ``max_output_tokens``, ``quotas.meter.smallest_answer_micro``). Without it a
+    bounded by ``max_output_tokens``, ``quotas.realtime.meter.smallest_answer_micro``). Without it a
     client is refused only when a cap has nothing left at all."""
 
     def __init__(self, application, room=None):
@@ -114,6 +113,8 @@ class ConnectionGuard:
             )
         caps = spend_counters().caps_for(snapshot.budget, identity, limits=snapshot.spend_limits)
         room = await database_sync_to_async(self.room)(snapshot.budget) if self.room else 0
+        from .realtime.meter import admit_new_session  # not at import: see quotas/README.md
+
         admission = await admit_new_session(snapshot.budget, caps=caps, room_micro=room)
         if not admission.allowed:
             record_violation(f"budget:{admission.reason}", "websocket", endpoint)

@@ -20,7 +20,7 @@ rate_limit_check_duration_seconds = Histogram(
 )
 redis_available = Gauge("quotas_redis_available", "1 when the quota Redis answered the last call")
 
-# Budget metering (quotas.meter, quotas.spend). ``model`` is a priced model or "unknown".
+# Budget metering (quotas.realtime.meter, quotas.spend). ``model`` is a priced model or "unknown".
 api_cost_total_usd = Counter("api_cost_total_usd", "USD booked to the ledger", ["model"])
 token_usage_total = Counter(
     "token_usage_total", "Tokens booked to the ledger, by billing kind", ["model", "type"]

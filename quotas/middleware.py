@@ -5,25 +5,24 @@ import logging
 import time
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.http import JsonResponse
+from django.http import HttpResponse
 
-from .clientip import client_address, client_ip
+from .clientip import client_address, configured_client_ip
 from .conf import quota_settings
 from .edge import SCOPE_KEY as EDGE_SCOPE_KEY
 from .events import record_violation
-from .limiter import Limit, ceil_seconds, get_limiter
+from .limiter import Limit, get_limiter
 from .metrics import rate_limit_check_duration_seconds, rate_limit_exceeded_total
 from .policies import policy_cache
+from .refusal import ratelimit_headers, refusal_answer
 
 logger = logging.getLogger("quotas.middleware")
 
 
 def request_client_ip(request):
     """The client identity of a Django request: what its limits are counted under."""
-    return client_ip(
-        request.META.get("REMOTE_ADDR", ""),
-        request.META.get("HTTP_X_FORWARDED_FOR", ""),
-        quota_settings.TRUSTED_PROXIES,
+    return configured_client_ip(
+        request.META.get("REMOTE_ADDR", ""), request.META.get("HTTP_X_FORWARDED_FOR", "")
     )
 
 
@@ -82,24 +81,13 @@ def limits_for(rules, ip, user_id=None, target=None):
 
 
 def too_many_requests(decision):
-    """The 429 of the contract for a refused ``decision``: JSON ``error``, ``detail``,
-    ``limit``, ``window_seconds``, ``retry_after``, and ``Retry-After`` / ``RateLimit-*``."""
-    refusing = max(decision.refusing, key=lambda s: s.reset_seconds)
-    retry_after = max(1, ceil_seconds(refusing.reset_seconds))
-    limit = refusing.limit
-    response = JsonResponse(
-        {
-            "error": "rate_limited",
-            "detail": f"Too many requests: at most {limit.limit} per {limit.window_seconds:g} "
-            f"seconds ({limit.label}). Try again in {retry_after} s.",
-            "limit": limit.limit,
-            "window_seconds": int(limit.window_seconds),
-            "retry_after": retry_after,
-        },
-        status=429,
-    )
-    response["Retry-After"] = str(retry_after)
-    add_ratelimit_headers(response, decision)
+    """The 429 of the contract for a refused ``decision`` (``quotas.refusal``) as a Django
+    response."""
+    answer = refusal_answer(decision)
+    response = HttpResponse(answer.body, status=429, content_type="application/json")
+    for name, value in answer.headers.text:
+        if name not in ("Content-Type", "Content-Length"):
+            response[name] = value
     # Counted in metrics and violation events: not one django.request WARNING per refusal.
     response._has_been_logged = True
     return response
@@ -107,12 +95,8 @@ def too_many_requests(decision):
 
 def add_ratelimit_headers(response, decision):
     """``RateLimit-Limit``, ``-Remaining``, ``-Reset`` of the tightest enforced limit."""
-    tightest = decision.tightest
-    if tightest is None:
-        return
-    response["RateLimit-Limit"] = str(tightest.limit.limit)
-    response["RateLimit-Remaining"] = str(tightest.remaining)
-    response["RateLimit-Reset"] = str(ceil_seconds(tightest.reset_seconds))
+    for name, value in ratelimit_headers(decision).text:
+        response[name] = value
 
 
 class RateLimitMiddleware:

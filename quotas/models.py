@@ -14,8 +14,8 @@ from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from .defaults import DEFAULT_BUDGET, TOKEN_KINDS
-from .pricing import USD_QUANTUM
+from .defaults import DEFAULT_BUDGET
+from .pricing import TOKEN_KINDS, USD_QUANTUM
 
 USD = USD_QUANTUM  # quantum of money in the ledger and in prices (quotas.pricing)
 _PATH_TARGET = re.compile(r"^(\*|/[^\s*]*\*?)$")
@@ -358,7 +358,7 @@ class PolicyVersion(models.Model):
 
 class TokenColumns(models.Model):
     """Token columns by billing kind (``TOKEN_KINDS``) of the ledger's sessions and records;
-    ``quotas.pricing.TokenCounts`` is the in-memory value they store."""
+    the Realtime add-on's ``quotas.realtime.usage.TokenCounts`` is the value they store."""
 
     text_input = models.BigIntegerField(default=0)
     cached_text_input = models.BigIntegerField(default=0)

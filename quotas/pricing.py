@@ -1,43 +1,45 @@
-"""What a usage event costs: price lookup by model and time, and the Realtime cost formula.
+"""Money and the price tables: the USD quantum, ``Decimal`` helpers, price lookup by model and time.
 
-Prices are ``ModelPrice`` rows (USD per 1M tokens); the row that applies to a usage is the one
-of that model with the latest ``effective_from`` at or before the usage time, so a price
-change never reprices old ledger rows. A usage before a known model's first row is priced at
-that first row (never free).
+Prices are ``ModelPrice`` rows (USD per 1M tokens of each of ``TOKEN_KINDS``, the columns of
+the price table and of the ledger); the row that applies to a usage is the one of that model
+with the latest ``effective_from`` at or before the usage time, so a price change never
+reprices old ledger rows. A usage before a known model's first row is priced at that first
+row (never free). ``ToolPrice`` rows (USD per call of a tool) are looked up the same way.
 
 An unknown model (no row at all) is priced at the most expensive known rate of each token
 kind and flagged: a warning in the log, ``unknown_model=True`` on the ledger row and the
-``unknown_model_usage_total`` metric. With no price rows at all, the fresh-install sheet's
-highest rates apply.
+``unknown_model_usage_total`` metric. With no price rows at all, the highest rates of the
+project's fresh-install sheet (``QUOTAS_DEFAULT_POLICIES``' ``price_sheet``) apply, else those
+of the caller's ``fallback`` (the Realtime meter's: its conservative sheet, never free).
 
-Token counts come out by billing kind: ``text_input`` is the text input billed at the full
-rate (the cached part is in ``cached_text_input``), same for audio. So cost = sum over kinds
-of tokens x rate / 1M, row by row. The exact sum is rounded UP (``ROUND_CEILING``) to
-0.000001 USD: rounding never loses money, and each ledger row is at most 1 micro-dollar high.
+Money sums are rounded UP (``ROUND_CEILING``) to 0.000001 USD: rounding never loses money,
+and each ledger row is at most 1 micro-dollar high. Splitting a usage into token kinds is the
+Realtime add-on's (``quotas.realtime.usage``).
 """
 
 import bisect
 import logging
-import math
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
-
-from .defaults import PRICE_SHEETS, TOKEN_KINDS
 
 logger = logging.getLogger("quotas.pricing")
 
 USD_QUANTUM = Decimal("0.000001")
 MICRO_PER_USD = 1_000_000
 PER_TOKENS = Decimal(1_000_000)  # prices are per 1M tokens
-INPUT_KINDS = ("text_input", "cached_text_input", "audio_input", "cached_audio_input")
-OUTPUT_KINDS = ("text_output", "audio_output")
-# Billed audio tokens per second (REALTIME.md): user audio ~10/s, assistant audio ~20/s.
-INPUT_AUDIO_TOKENS_PER_SECOND = 10
-OUTPUT_AUDIO_TOKENS_PER_SECOND = 20
-PCM16_BYTES_PER_SECOND = 48_000
 UNKNOWN_MODEL_LABEL = "unknown"
+# The priced token kinds: the columns of ``ModelPrice`` and of the ledger, in this order
+# (text in, cached text in, audio in, cached audio in, text out, audio out).
+TOKEN_KINDS = (
+    "text_input",
+    "cached_text_input",
+    "audio_input",
+    "cached_audio_input",
+    "text_output",
+    "audio_output",
+)
 
 
 def quantize_usd(amount):
@@ -82,32 +84,17 @@ class Rates:
         return getattr(self, kind) / PER_TOKENS
 
 
-@dataclass(frozen=True)
-class TokenCounts:
-    """Tokens by billing kind (cached parts excluded from the full-rate kinds)."""
+def fresh_install_prices():
+    """The price tuples of the project's fresh-install sheet (none in a neutral install)."""
+    from .defaults import configured_policies
 
-    text_input: int = 0
-    cached_text_input: int = 0
-    audio_input: int = 0
-    cached_audio_input: int = 0
-    text_output: int = 0
-    audio_output: int = 0
-
-    def as_dict(self):
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    def cost(self, rates):
-        """Exact cost at ``rates``, rounded up to the quantum."""
-        total = sum(
-            (getattr(self, kind) * getattr(rates, kind) for kind in TOKEN_KINDS), Decimal(0)
-        )
-        return quantize_usd(total / PER_TOKENS)
+    return tuple((configured_policies()["price_sheet"] or {}).values())
 
 
 class PriceBook:
     """Every price row, by model, sorted by ``effective_from``; immutable once built."""
 
-    def __init__(self, rows, tool_rows=()):
+    def __init__(self, rows, tool_rows=(), fallback=()):
         self._tools = {}
         for tool, effective_from, price in sorted(tool_rows, key=lambda row: row[1]):
             self._tools.setdefault(tool, []).append((effective_from, Decimal(price)))
@@ -120,17 +107,17 @@ class PriceBook:
             entries.sort(key=lambda entry: entry[0])
             self._dates[model] = [when for when, _ in entries]
             self._prices[model] = [prices for _, prices in entries]
-        fallback = PRICE_SHEETS["default"].values()
+        known = [prices for entries in self._prices.values() for prices in entries]
+        if not known:
+            # No price at all: guess from the project's fresh-install sheet, else ``fallback``.
+            known = list(fresh_install_prices() or fallback)
         self._max = tuple(
-            max(
-                [prices[i] for entries in self._prices.values() for prices in entries]
-                or [sheet[i] for sheet in fallback]
-            )
+            max((prices[i] for prices in known), default=Decimal(0))
             for i in range(len(TOKEN_KINDS))
         )
 
     @classmethod
-    def from_database(cls):
+    def from_database(cls, fallback=()):
         """Load every ``ModelPrice`` and ``ToolPrice`` row (sync)."""
         from .models import ModelPrice, ToolPrice
 
@@ -139,7 +126,7 @@ class PriceBook:
             for row in ModelPrice.objects.values_list("model", "effective_from", *TOKEN_KINDS)
         ]
         tools = ToolPrice.objects.values_list("tool", "effective_from", "per_call_usd")
-        return cls(rows, tools)
+        return cls(rows, tools, fallback)
 
     def tool_fee_at(self, tool, when):
         """USD per call of ``tool`` in force at ``when``; a tool without a price is charged the
@@ -180,29 +167,34 @@ class PriceBook:
 
 
 _book_lock = threading.Lock()
-_book_cache = {"snapshot": None, "book": None}
+_book_cache = {"snapshot": None, "books": {}}
 
 
 def reset_price_book():
-    """Forget the cached price book (``quotas.testing``)."""
+    """Forget the cached price books (``quotas.testing``)."""
     with _book_lock:
-        _book_cache["snapshot"] = _book_cache["book"] = None
+        _book_cache["snapshot"], _book_cache["books"] = None, {}
 
 
-def price_book():
+def price_book(fallback=()):
     """This process's price book, rebuilt when the policy snapshot is reloaded (sync).
 
-    Price edits bump the policy version (signals.py), which makes ``policy_cache`` load a
-    new snapshot; keying on the snapshot object keeps prices exactly as fresh as policies.
+    ``fallback``: the price tuples to guess from when there is no price row at all and the
+    project declared no fresh-install sheet (the Realtime add-on passes its conservative
+    sheet, ``quotas.realtime.prices.price_book``). Price edits bump the policy version
+    (signals.py), which makes ``policy_cache`` load a new snapshot; keying on the snapshot
+    object keeps prices exactly as fresh as policies.
     """
     from .policies import policy_cache
 
     snapshot = policy_cache.get()
     with _book_lock:
-        if _book_cache["snapshot"] is not snapshot or _book_cache["book"] is None:
-            _book_cache["book"] = PriceBook.from_database()
-            _book_cache["snapshot"] = snapshot
-        return _book_cache["book"]
+        if _book_cache["snapshot"] is not snapshot:
+            _book_cache["snapshot"], _book_cache["books"] = snapshot, {}
+        book = _book_cache["books"].get(fallback)
+        if book is None:
+            book = _book_cache["books"][fallback] = PriceBook.from_database(fallback)
+        return book
 
 
 def warn_unknown(rates, context):
@@ -213,94 +205,6 @@ def warn_unknown(rates, context):
         "no price for model %r (%s): charged at the highest known rates", rates.model, context
     )
     unknown_model_usage_total.inc()
-
-
-def _int(value):
-    try:
-        return max(0, int(value or 0))
-    except (TypeError, ValueError):
-        return 0
-
-
-def usage_token_counts(usage, rates):
-    """Split a Realtime ``usage`` dict into billing kinds (REALTIME.md's formula).
-
-    Missing details fall back to the most expensive kind of their side, so a partial usage
-    is never under-charged: no input details -> all input at the highest input rate; cached
-    tokens without ``cached_tokens_details`` -> billed at full rates (no cache discount);
-    tokens the details do not explain (image tokens, gaps) -> the highest rate of the side.
-    """
-    usage = usage or {}
-    counts = dict.fromkeys(TOKEN_KINDS, 0)
-    max_input = rates.max_kind(INPUT_KINDS)
-    max_output = rates.max_kind(OUTPUT_KINDS)
-
-    in_details = usage.get("input_token_details")
-    input_tokens = usage.get("input_tokens")
-    if isinstance(in_details, dict):
-        text = _int(in_details.get("text_tokens"))
-        audio = _int(in_details.get("audio_tokens"))
-        image = _int(in_details.get("image_tokens"))
-        input_total = _int(input_tokens) if input_tokens is not None else text + audio + image
-        cached_details = in_details.get("cached_tokens_details")
-        cached_text = cached_audio = 0
-        if isinstance(cached_details, dict):
-            cached_text = min(text, _int(cached_details.get("text_tokens")))
-            cached_audio = min(audio, _int(cached_details.get("audio_tokens")))
-        counts["text_input"] = text - cached_text
-        counts["cached_text_input"] = cached_text
-        counts["audio_input"] = audio - cached_audio
-        counts["cached_audio_input"] = cached_audio
-        counts[max_input] += max(0, input_total - text - audio)
-    else:
-        counts[max_input] += _int(input_tokens)
-
-    out_details = usage.get("output_token_details")
-    output_tokens = usage.get("output_tokens")
-    if isinstance(out_details, dict):
-        text = _int(out_details.get("text_tokens"))
-        audio = _int(out_details.get("audio_tokens"))
-        output_total = _int(output_tokens) if output_tokens is not None else text + audio
-        counts["text_output"] += text
-        counts["audio_output"] += audio
-        counts[max_output] += max(0, output_total - text - audio)
-    else:
-        counts[max_output] += _int(output_tokens)
-    return TokenCounts(**counts)
-
-
-def transcription_token_counts(usage, rates):
-    """Billing kinds of a transcription ``usage`` (``tokens`` or ``duration`` type).
-
-    Duration usage is converted at the billed rate of user audio (10 tokens per second,
-    rounded up) and priced as audio input.
-    """
-    usage = usage or {}
-    if usage.get("type") == "duration":
-        try:
-            seconds = max(0.0, float(usage.get("seconds") or 0))
-        except (TypeError, ValueError):
-            seconds = 0.0
-        if not math.isfinite(seconds):
-            seconds = 0.0
-        tokens = math.ceil(seconds * INPUT_AUDIO_TOKENS_PER_SECOND)
-        return TokenCounts(**{rates.max_kind(("audio_input", "text_input")): tokens})
-    return usage_token_counts(usage, rates)
-
-
-def tool_token_counts(input_tokens, cached_input_tokens, output_tokens):
-    """Billing kinds of a text model call (a tool's LLM call): cached is part of input."""
-    total, cached = _int(input_tokens), _int(cached_input_tokens)
-    cached = min(cached, total)
-    return TokenCounts(
-        text_input=total - cached, cached_text_input=cached, text_output=_int(output_tokens)
-    )
-
-
-def usage_cost(usage, rates):
-    """(cost, counts) of a Realtime ``usage`` dict at ``rates``."""
-    counts = usage_token_counts(usage, rates)
-    return counts.cost(rates), counts
 
 
 def timestamp_to_datetime(timestamp):

@@ -48,7 +48,6 @@ from django.utils import timezone
 
 from .caps import Identity, applicable_limits, period_bounds
 from .conf import quota_settings
-from .defaults import TOKEN_KINDS
 from .models import (
     BreakerEvent,
     ModelPrice,
@@ -57,7 +56,7 @@ from .models import (
     ToolCallCount,
     UsageRecord,
 )
-from .pricing import PER_TOKENS, PriceBook, quantize_usd
+from .pricing import PER_TOKENS, TOKEN_KINDS, PriceBook, quantize_usd
 
 DEFAULT_DAYS = 7
 MAX_DAYS = 400

@@ -5,10 +5,12 @@
   nothing is counted twice), so a restart after a crash or an upgrade starts from what the
   ledger holds. Skipped with ``QUOTAS_SPEND_SWEEP_SECONDS = 0`` (tests); a database or Redis
   that is not there yet only costs a warning: the periodic sweep tries again.
-- Load the o200k tokenizer (one to two seconds, while the sweep waits on the database). Loaded
-  by the first typed message instead, it would stall the event loop, and with it every session
-  of the process: Redis calls time out meanwhile and the process falls back to per-process
-  spend counters, so sessions on several instances could pass the shared caps together.
+- Run the project's slow loads meanwhile, each in a thread (while the sweep waits on the
+  database): a Realtime relay passes ``quotas.realtime.text_tokens.load_o200k``, the o200k
+  tokenizer (one to two seconds). Loaded by the first typed message instead, it would stall
+  the event loop, and with it every session of the process: Redis calls time out meanwhile and
+  the process falls back to per-process spend counters, so sessions on several instances could
+  pass the shared caps together.
 """
 
 import logging
@@ -19,16 +21,20 @@ from .conf import quota_settings
 logger = logging.getLogger("quotas.startup")
 
 
-def prepare_process():
-    """Sweep stale sessions, rebuild the counters, load the tokenizer (call from asgi.py)."""
-    from .text_tokens import load_o200k
-
-    loader = threading.Thread(target=load_o200k, name="o200k-load", daemon=True)
-    loader.start()
+def prepare_process(*loaders):
+    """Sweep stale sessions and rebuild the counters while ``loaders`` (callables without
+    arguments) run in threads; returns when all are done (call from asgi.py)."""
+    threads = [
+        threading.Thread(target=load, name=getattr(load, "__name__", "loader"), daemon=True)
+        for load in loaders
+    ]
+    for thread in threads:
+        thread.start()
     try:
         _sweep()
     finally:
-        loader.join()
+        for thread in threads:
+            thread.join()
 
 
 def _sweep():

@@ -49,8 +49,8 @@ def close_stale_sessions(now=None):
     """End every stale open session as ``server_crash`` (sync); returns a ``SweepResult``."""
     from django.db.models import Q
 
-    from .meter import end_session
     from .models import QuotaSession
+    from .realtime.meter import end_session
 
     now = time.time() if now is None else now
     cutoff = stale_before(now)

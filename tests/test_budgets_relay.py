@@ -101,7 +101,7 @@ async def test_a_response_create_right_after_response_done_is_answered(
 ):
     """The browser sees ``response.done`` before the relay has booked it: a question asked at
     once waits for the booking, it is not refused as if the answer were still running."""
-    from quotas.meter import SessionMeter
+    from quotas.realtime.meter import SessionMeter
 
     charge_response = SessionMeter.charge_response
 

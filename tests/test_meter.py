@@ -9,12 +9,14 @@ from django.core.management import call_command
 from django.db.models import Sum
 
 from quotas import spend as spend_module
-from quotas.defaults import SHEET_EPOCH, TOKEN_KINDS, load_price_sheet
-from quotas.meter import SessionMeter, admit_new_session, format_usd
+from quotas.defaults import SHEET_EPOCH
 from quotas.metrics import active_sessions_total, api_cost_total_usd, budget_exceeded_total
 from quotas.models import ModelPrice, QuotaSession, UsageRecord
 from quotas.policies import BudgetSpec
-from quotas.pricing import timestamp_to_datetime, usage_token_counts
+from quotas.pricing import TOKEN_KINDS, timestamp_to_datetime
+from quotas.realtime.meter import SessionMeter, admit_new_session, format_usd
+from quotas.realtime.prices import load_price_sheet
+from quotas.realtime.usage import usage_token_counts
 from quotas.redis_client import SharedRedis
 from quotas.spend import BREAKER_EVENT, BREAKER_GROUP, SpendCounters
 from quotas.testing import aread
@@ -399,8 +401,8 @@ def test_no_missing_migrations():
 
 @pytest.mark.django_db(transaction=True)
 async def test_input_sent_while_a_response_runs_is_reserved_with_the_next_one(make_meter):
-    from quotas.pricing import TokenCounts
-    from quotas.text_tokens import text_token_bound
+    from quotas.realtime.text_tokens import text_token_bound
+    from quotas.realtime.usage import TokenCounts
 
     budget = BudgetSpec(session_cap_usd=Decimal("5.00"), max_output_tokens_per_response=10)
     meter = await make_meter(budget)
@@ -422,7 +424,7 @@ async def test_input_sent_while_a_response_runs_is_reserved_with_the_next_one(ma
 @pytest.mark.django_db(transaction=True)
 async def test_a_reservation_holds_the_worst_case_and_refuses_what_cannot_fit(make_meter):
     from quotas.models import UsageRecord
-    from quotas.pricing import TokenCounts
+    from quotas.realtime.usage import TokenCounts
 
     budget = BudgetSpec(session_cap_usd=Decimal("0.05"), max_output_tokens_per_response=10)
     meter = await make_meter(budget)

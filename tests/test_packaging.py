@@ -36,6 +36,48 @@ def test_no_module_of_quotas_imports_ducke():
     assert offenders == []
 
 
+FIRST_PARTY = {path.parent.name for path in ROOT.glob("*/__init__.py")}  # ducke, quotas, tests
+
+
+def resolved_imports(path):
+    """Every module ``path`` imports, relative imports made absolute."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    if path.name == "__init__.py":
+        package = ".".join(path.relative_to(ROOT).parts[:-1])
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if not node.level:
+                yield node.module
+                continue
+            base = package.split(".")[: len(package.split(".")) - node.level + 1]
+            yield ".".join([*base, *([node.module] if node.module else [])])
+
+
+def test_the_realtime_add_on_imports_only_from_the_generic_core():
+    """quotas/realtime builds on the core (quotas.*) and its own modules, never on a project."""
+    offenders = []
+    for path in sorted((QUOTAS / "realtime").rglob("*.py")):
+        for name in resolved_imports(path):
+            top = name.split(".")[0]
+            if top in FIRST_PARTY and top != "quotas":
+                offenders.append(f"{path.relative_to(ROOT)}: {name}")
+    assert offenders == []
+    meter = set(resolved_imports(QUOTAS / "realtime" / "meter.py"))
+    assert {"quotas.spend", "quotas.pricing", "quotas.realtime.usage", "quotas.models"} <= meter
+
+
+def test_the_import_scan_resolves_relative_imports(tmp_path, monkeypatch):
+    package = tmp_path / "quotas" / "realtime"
+    package.mkdir(parents=True)
+    module = package / "m.py"
+    module.write_text("from ..spend import x\nfrom . import usage\nfrom ducke.tools import y\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert list(resolved_imports(module)) == ["quotas.spend", "quotas.realtime", "ducke.tools"]
+
+
 def test_the_scan_would_see_an_import_of_ducke(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from ducke.tools import run_tool\n")
@@ -76,6 +118,11 @@ def test_the_checkout_builds_a_wheel_of_quotas_alone(wheel):
         "quotas/README.md",
     ):
         assert expected in names, expected
+    realtime = {n for n in names if n.startswith("quotas/realtime/")}
+    assert realtime == {f"quotas/realtime/{p.name}" for p in (QUOTAS / "realtime").glob("*.py")}, (
+        "the Realtime add-on is part of the wheel"
+    )
+    assert "quotas/realtime/meter.py" in realtime
     migrations = {n for n in names if n.startswith("quotas/migrations/0")}
     on_disk = {f"quotas/migrations/{p.name}" for p in (QUOTAS / "migrations").glob("0*.py")}
     assert migrations == on_disk

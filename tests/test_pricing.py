@@ -6,14 +6,13 @@ from decimal import Decimal
 
 import pytest
 
-from quotas.defaults import SHEET_EPOCH, load_price_sheet
+from quotas.defaults import SHEET_EPOCH
 from quotas.metrics import unknown_model_usage_total
 from quotas.models import ModelPrice
-from quotas.pricing import (
-    PriceBook,
+from quotas.pricing import PriceBook, price_book, quantize_usd
+from quotas.realtime.prices import load_price_sheet
+from quotas.realtime.usage import (
     TokenCounts,
-    price_book,
-    quantize_usd,
     tool_token_counts,
     transcription_token_counts,
     usage_cost,
@@ -131,9 +130,9 @@ def test_unexplained_tokens_take_the_top_rate(list_sheet):
 def test_unknown_model_priced_at_max_rates_and_flagged(list_sheet, caplog):
     from asgiref.sync import async_to_sync
 
-    from quotas.meter import SessionMeter
     from quotas.models import UsageRecord
     from quotas.policies import BudgetSpec
+    from quotas.realtime.meter import SessionMeter
     from quotas.spend import SpendCounters
 
     rates = price_book().rates_at("gpt-mystery", AFTER_LIST_DAY)
@@ -183,9 +182,9 @@ def test_unknown_model_without_any_price_row_uses_the_default_sheet_maximum():
 def test_price_change_mid_day_books_each_usage_at_its_own_price():
     from asgiref.sync import async_to_sync
 
-    from quotas.meter import SessionMeter
     from quotas.models import QuotaSession, UsageRecord
     from quotas.policies import BudgetSpec
+    from quotas.realtime.meter import SessionMeter
     from quotas.spend import SpendCounters
 
     morning = datetime(2026, 7, 1, 8, 0, tzinfo=UTC)
@@ -268,3 +267,14 @@ def test_price_book_follows_price_edits():
     second = price_book()
     assert second is not first
     assert not second.rates_at("new-model", AFTER_LIST_DAY).unknown
+
+
+def test_token_counts_are_the_columns_of_the_price_table_and_the_ledger():
+    from dataclasses import fields
+
+    from quotas.models import QuotaSession, UsageRecord
+    from quotas.pricing import TOKEN_KINDS
+
+    assert tuple(f.name for f in fields(TokenCounts)) == TOKEN_KINDS
+    for model in (ModelPrice, QuotaSession, UsageRecord):
+        assert {f.name for f in model._meta.fields} >= set(TOKEN_KINDS), model

@@ -248,9 +248,10 @@ def test_health_reports_the_breaker(use_redis, db):
 
 @pytest.mark.django_db(transaction=True)
 async def test_redis_outage_books_to_ledger_then_rebuilds_counters(redis_server, settings):
-    from quotas.defaults import SHEET_EPOCH, load_price_sheet
-    from quotas.meter import SessionMeter
+    from quotas.defaults import SHEET_EPOCH
     from quotas.models import ModelPrice, QuotaSession, UsageRecord
+    from quotas.realtime.meter import SessionMeter
+    from quotas.realtime.prices import load_price_sheet
 
     await database_sync_to_async(load_price_sheet)(ModelPrice, "default", SHEET_EPOCH)
     settings.QUOTAS_FAIL_MODE = "local"
@@ -310,9 +311,10 @@ async def test_redis_outage_books_to_ledger_then_rebuilds_counters(redis_server,
 
 @pytest.mark.django_db(transaction=True)
 async def test_unreachable_redis_still_books_and_counts(settings):
-    from quotas.defaults import SHEET_EPOCH, load_price_sheet
-    from quotas.meter import SessionMeter
+    from quotas.defaults import SHEET_EPOCH
     from quotas.models import ModelPrice, UsageRecord
+    from quotas.realtime.meter import SessionMeter
+    from quotas.realtime.prices import load_price_sheet
 
     await database_sync_to_async(load_price_sheet)(ModelPrice, "default", SHEET_EPOCH)
     clock = Clock()

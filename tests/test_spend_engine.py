@@ -335,8 +335,8 @@ async def test_rebuild_restores_every_counter_and_the_running_reservation(
     session, client, hour counters and the hold itself, and settling then counts once."""
     import redis as redis_py
 
-    from quotas.meter import SessionMeter
     from quotas.policies import policy_cache
+    from quotas.realtime.meter import SessionMeter
 
     settings.QUOTAS_BUDGET_TIMEZONE = "UTC"
     link = SharedRedis(redis_url)

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quotas import text_tokens
-from quotas.text_tokens import load_o200k, text_token_bound, texts_token_bound
+from quotas.realtime import text_tokens
+from quotas.realtime.text_tokens import load_o200k, text_token_bound, texts_token_bound
 
 # o200k_base counts (ordinary text), computed in the session that wrote this table with
 # tiktoken 0.14.0 on the vocabulary its pinned hash accepts (tests/fixtures/o200k.py); the

@@ -24,10 +24,11 @@ from django.test.utils import CaptureQueriesContext
 
 from quotas import spend as spend_module
 from quotas.caps import Identity
-from quotas.defaults import SHEET_EPOCH, load_price_sheet
-from quotas.meter import SessionMeter
+from quotas.defaults import SHEET_EPOCH
 from quotas.models import ModelPrice, QuotaSession, UsageRecord
 from quotas.policies import BudgetSpec, SpendLimitSpec
+from quotas.realtime.meter import SessionMeter
+from quotas.realtime.prices import load_price_sheet
 from quotas.redis_client import SharedRedis
 from quotas.spend import SpendCounters, entry_member
 from quotas.testing import admit, charge, reserve, settle

@@ -26,23 +26,19 @@ Allowed ``/status`` with quotas on vs off is ``test_bench_status_http.py``.
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.benchmarks.test_bench_status_http import base_environment
-from tests.fixtures.redis_server import redis_server, spare_port  # noqa: F401
+from tests.fixtures.bench_servers import bench_servers, benchmark_environment, daphne, pinned  # noqa: F401
+from tests.fixtures.redis_server import redis_server  # noqa: F401
 
 pytestmark = pytest.mark.benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 THREADS = 2
 CONNECTIONS = 16
 SECONDS_PER_ROUND = 3
@@ -99,72 +95,6 @@ def core_layout():
     return str(cores[-1]), str(cores[0])
 
 
-def pinned(command, cores):
-    return ["taskset", "-c", cores, *command] if cores else command
-
-
-class Server:
-    """One server process on a spare port, its output in a log file; stopped by PID."""
-
-    def __init__(self, name, command, env, log_path, cores):
-        self.name = name
-        self.port = spare_port()
-        self.log_path = log_path
-        self.log = open(log_path, "wb")  # closed in stop()
-        command = [part.replace("{port}", str(self.port)) for part in command]
-        self.process = subprocess.Popen(
-            pinned(command, cores),
-            cwd=ROOT,
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}/status"
-
-    def wait_ready(self, timeout=30.0):
-        """Wait for the first answer (the one admitted hit); return its status code."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.log_tail()}")
-            try:
-                return httpx.get(self.url, timeout=1.0).status_code
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise RuntimeError(f"{self.name} did not answer /status in time")
-
-    def alive(self):
-        return self.process.poll() is None
-
-    def cpu_seconds(self):
-        """User + system CPU time the process has used so far."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def log_lines(self):
-        return len(self.log_path.read_bytes().splitlines())
-
-    def log_head(self, lines=3):
-        text = self.log_path.read_bytes().decode(errors="replace")
-        return [line[:160] for line in text.splitlines()[:lines]]
-
-    def log_tail(self):
-        return self.log_path.read_bytes().decode(errors="replace")[-2000:]
-
-    def stop(self):
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        self.log.close()
-
-
 def run_wrk(wrk, script, url, seconds, cores):
     """(requests, requests per second, {status: count}) of one wrk round against ``url``."""
     command = [wrk, f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{seconds}s", "-s", str(script), url]
@@ -182,28 +112,27 @@ def run_wrk(wrk, script, url, seconds, cores):
     return requests, per_second, codes
 
 
-def test_refused_status_per_second(tmp_path, redis_server, bench_report):
+def test_refused_status_per_second(tmp_path, redis_server, bench_servers, bench_report):
     wrk = wrk_executable()
     server_cores, load_cores = core_layout()
     load_average = os.getloadavg()
     database = tmp_path / "bench.sqlite3"
-    env = base_environment(database)
+    env = benchmark_environment(database)
     subprocess.run([sys.executable, "-c", PREPARE], cwd=ROOT, env=env, check=True, timeout=120)
     if load_cores:  # Redis is part of the load side: keep it off the server's core.
         subprocess.run(["taskset", "-pc", load_cores, str(redis_server.process.pid)], check=True)
     script = tmp_path / "codes.lua"
     script.write_text(WRK_SCRIPT)
 
-    daphne = [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", "{port}", "-v", "0"]
     uvicorn = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", "{port}"]
     uvicorn += ["--workers", "1", "--no-access-log", "--log-level", "warning"]
     configs = {
         "DUCK-E, embedded": (
-            [*daphne, "ducke.asgi:application"],
+            daphne("ducke.asgi:application"),
             {"QUOTAS_ENABLED": "1"},
         ),
         "DUCK-E, REDIS_URL": (
-            [*daphne, "ducke.asgi:application"],
+            daphne("ducke.asgi:application"),
             {"QUOTAS_ENABLED": "1", "REDIS_URL": redis_server.url},
         ),
         "FastAPI + slowapi, uvicorn": (
@@ -211,40 +140,38 @@ def test_refused_status_per_second(tmp_path, redis_server, bench_report):
             {"SLOWAPI_STATUS_LIMIT": SLOWAPI_LIMIT},
         ),
         "bare ASGI 429, daphne": (
-            [*daphne, "tests.benchmarks.peers.bare429:application"],
+            daphne("tests.benchmarks.peers.bare429:application"),
             {},
         ),
     }
-    servers = {}
-    try:
-        for name, (command, extra) in configs.items():
-            log = tmp_path / f"server-{len(servers)}.log"
-            servers[name] = Server(name, command, {**env, **extra}, log, server_cores)
-        first = {name: server.wait_ready() for name, server in servers.items()}
-        for server in servers.values():  # warm-up: code paths, connections
-            run_wrk(wrk, script, server.url, 1, load_cores)
-        rates = {name: [] for name in servers}
-        cpu = dict.fromkeys(servers, 0.0)
-        requests = dict.fromkeys(servers, 0)
-        codes = {name: {} for name in servers}
-        for _ in range(ROUNDS):
-            for name, server in servers.items():
-                cpu_before = server.cpu_seconds()
-                done, per_second, round_codes = run_wrk(
-                    wrk, script, server.url, SECONDS_PER_ROUND, load_cores
-                )
-                cpu[name] += server.cpu_seconds() - cpu_before
-                requests[name] += done
-                rates[name].append(per_second)
-                for status, count in round_codes.items():
-                    codes[name][status] = codes[name].get(status, 0) + count
-                assert sum(round_codes.values()) == done, (name, done, round_codes)
-        alive = {name: server.alive() for name, server in servers.items()}
-        log_lines = {name: server.log_lines() for name, server in servers.items()}
-        log_heads = {name: server.log_head() for name, server in servers.items()}
-    finally:
-        for server in servers.values():
-            server.stop()
+    servers = {
+        name: bench_servers(name, command, {**env, **extra}, server_cores)
+        for name, (command, extra) in configs.items()
+    }
+    first = {name: server.wait_ready() for name, server in servers.items()}
+    for server in servers.values():  # warm-up: code paths, connections
+        run_wrk(wrk, script, server.url, 1, load_cores)
+    rates = {name: [] for name in servers}
+    cpu = dict.fromkeys(servers, 0.0)
+    requests = dict.fromkeys(servers, 0)
+    codes = {name: {} for name in servers}
+    for _ in range(ROUNDS):
+        for name, server in servers.items():
+            cpu_before = server.cpu_seconds()
+            done, per_second, round_codes = run_wrk(
+                wrk, script, server.url, SECONDS_PER_ROUND, load_cores
+            )
+            cpu[name] += server.cpu_seconds() - cpu_before
+            requests[name] += done
+            rates[name].append(per_second)
+            for status, count in round_codes.items():
+                codes[name][status] = codes[name].get(status, 0) + count
+            assert sum(round_codes.values()) == done, (name, done, round_codes)
+    alive = {name: server.alive() for name, server in servers.items()}
+    log_lines = {name: server.log_lines() for name, server in servers.items()}
+    log_heads = {name: server.log_head() for name, server in servers.items()}
+    for server in servers.values():
+        server.stop()
 
     assert all(alive.values()), f"a server died during the run: {alive}"
     for name in servers:

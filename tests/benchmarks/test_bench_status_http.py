@@ -10,8 +10,6 @@ on the embedded defaults and with REDIS_URL set (a private redis-server).
 """
 
 import asyncio
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -21,7 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fixtures.redis_server import redis_server, spare_port  # noqa: F401
+from tests.fixtures.bench_servers import bench_servers, benchmark_environment, daphne  # noqa: F401
+from tests.fixtures.redis_server import redis_server  # noqa: F401
 
 pytestmark = pytest.mark.benchmark
 
@@ -41,75 +40,6 @@ for rule in RateLimitRule.objects.filter(name__in=["status", "default"]):
     rule.limit = 10**9
     rule.save()
 """
-
-
-def base_environment(database):
-    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
-    env.update(
-        DJANGO_SETTINGS_MODULE="ducke.settings",
-        DJANGO_SECRET_KEY="benchmark-" + "k" * 40,
-        DJANGO_DEBUG="0",
-        DATABASE_URL=f"sqlite:///{database}",
-        DUCKE_SIMULATOR_ENABLED="0",
-        QUOTAS_TRUSTED_PROXIES="127.0.0.1",
-        PYTHONWARNINGS="ignore",
-    )
-    return env
-
-
-class Daphne:
-    """One daphne process on a spare port, stopped by PID."""
-
-    def __init__(self, env):
-        self.port = spare_port()
-        self.process = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "daphne"),
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-v",
-                "0",
-                "ducke.asgi:application",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout=30.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"daphne exited: {self.process.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/status", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("daphne did not answer /status in time")
-
-    def cpu_seconds(self):
-        """User + system CPU time the daphne process has used so far."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self):
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        self.process.stderr.close()
 
 
 async def drive(url, seconds):
@@ -138,9 +68,9 @@ async def drive(url, seconds):
     return done, elapsed
 
 
-def test_status_throughput_quotas_on_vs_off(tmp_path, redis_server, bench_report):
+def test_status_throughput_quotas_on_vs_off(tmp_path, redis_server, bench_servers, bench_report):
     database = tmp_path / "bench.sqlite3"
-    env = base_environment(database)
+    env = benchmark_environment(database)
     subprocess.run([sys.executable, "-c", PREPARE], cwd=ROOT, env=env, check=True, timeout=120)
     configs = {
         "embedded, quotas off": {"QUOTAS_ENABLED": "0"},
@@ -148,27 +78,26 @@ def test_status_throughput_quotas_on_vs_off(tmp_path, redis_server, bench_report
         "REDIS_URL, quotas off": {"QUOTAS_ENABLED": "0", "REDIS_URL": redis_server.url},
         "REDIS_URL, quotas on": {"QUOTAS_ENABLED": "1", "REDIS_URL": redis_server.url},
     }
-    servers = {}
-    try:
-        for name, extra in configs.items():
-            servers[name] = Daphne({**env, **extra})
-        for server in servers.values():
-            server.wait_ready()
-        for server in servers.values():  # warm-up: policy cache, connections, code paths
-            asyncio.run(drive(server.url, 0.5))
-        rates = {name: [] for name in servers}
-        cpu = dict.fromkeys(servers, 0.0)
-        requests = dict.fromkeys(servers, 0)
-        for _ in range(ROUNDS):
-            for name, server in servers.items():
-                cpu_before = server.cpu_seconds()
-                done, elapsed = asyncio.run(drive(server.url, SECONDS_PER_ROUND))
-                cpu[name] += server.cpu_seconds() - cpu_before
-                requests[name] += done
-                rates[name].append(done / elapsed)
-    finally:
-        for server in servers.values():
-            server.stop()
+    servers = {
+        name: bench_servers(name, daphne("ducke.asgi:application"), {**env, **extra})
+        for name, extra in configs.items()
+    }
+    first = {name: server.wait_ready() for name, server in servers.items()}
+    assert set(first.values()) == {200}, first
+    for server in servers.values():  # warm-up: policy cache, connections, code paths
+        asyncio.run(drive(server.base_url, 0.5))
+    rates = {name: [] for name in servers}
+    cpu = dict.fromkeys(servers, 0.0)
+    requests = dict.fromkeys(servers, 0)
+    for _ in range(ROUNDS):
+        for name, server in servers.items():
+            cpu_before = server.cpu_seconds()
+            done, elapsed = asyncio.run(drive(server.base_url, SECONDS_PER_ROUND))
+            cpu[name] += server.cpu_seconds() - cpu_before
+            requests[name] += done
+            rates[name].append(done / elapsed)
+    for server in servers.values():
+        server.stop()
     medians = {name: statistics.median(values) for name, values in rates.items()}
     # Server CPU per request hardly depends on what else runs on the machine, unlike req/s.
     cpu_us = {name: cpu[name] / requests[name] * 1e6 for name in servers}

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from ducke.realtime.client_events import MAX_TEXT_CHARS
-from quotas.text_tokens import load_o200k, text_token_bound
+from quotas.realtime.text_tokens import load_o200k, text_token_bound
 
 pytestmark = pytest.mark.benchmark
 
@@ -35,7 +35,7 @@ import json, sys, time
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 before, started = rss(), time.perf_counter()
-from quotas.text_tokens import load_o200k
+from quotas.realtime.text_tokens import load_o200k
 exact = load_o200k()
 print(json.dumps({"exact": exact, "seconds": time.perf_counter() - started,
                   "mib": rss() - before}))

@@ -175,3 +175,107 @@ def test_refusal_messages_name_the_project():
 
     assert refusal_message("hourly_cap", 120).startswith("Reuse Demo has reached")
     assert json.dumps(refusal_message("breaker", 60)).count("DUCK-E") == 0
+
+
+# Run in a process of its own: the rest of this run loads the Realtime add-on (its tests).
+GENERIC_CORE_PROBE = r"""
+import asyncio, importlib, json, sys
+from pathlib import Path
+
+import django
+
+django.setup()
+from django.core.management import call_command
+from django.test import RequestFactory
+
+call_command("migrate", verbosity=0)
+import quotas
+
+root = Path(quotas.__file__).parent
+generic = sorted(
+    ".".join(("quotas", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+    for path in root.rglob("*.py")
+    if "realtime" not in path.relative_to(root).parts and "build" not in path.parts
+)
+for name in generic:
+    importlib.import_module(name)
+
+from quotas.models import RateLimitRule
+from quotas.policies import policy_cache
+from quotas.spend import spend_counters
+from quotas.testing import admit, charge
+
+RateLimitRule.objects.create(
+    name="probe", scope="view", target="", key="ip", limit=1, window_seconds=60
+)
+policy_cache.invalidate()
+request = RequestFactory().get("/probe", REMOTE_ADDR="10.1.2.3")
+checks = [quotas.check(request, "probe").allowed for _ in range(2)]
+budget = policy_cache.get().budget
+counters = spend_counters()
+spent = charge(counters, "probe-session", 1_000, budget)
+admitted = asyncio.run(counters.aadmit(budget)).allowed
+loaded = sorted(n for n in sys.modules if n.split(".")[:2] == ["quotas", "realtime"])
+if sys.argv[1:] == ["--then-meter"]:
+    import quotas.realtime.meter  # noqa: F401  (the probe must see this)
+
+    loaded = sorted(n for n in sys.modules if n.split(".")[:2] == ["quotas", "realtime"])
+print(json.dumps({"generic": generic, "checks": checks, "admitted": admitted,
+                  "session_micro": spent.session_micro, "realtime_loaded": loaded}))
+"""
+
+
+def _probe_generic_core(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["DJANGO_SETTINGS_MODULE"] = "tests.reuse.settings"
+    result = subprocess.run(
+        [sys.executable, "-c", GENERIC_CORE_PROBE, *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_the_generic_core_decides_without_loading_the_realtime_add_on():
+    probe = _probe_generic_core()
+    # Every module of the core was imported (the guards, the sweep, reports, commands...).
+    for name in ("quotas.guards", "quotas.sweep", "quotas.reports", "quotas.pricing"):
+        assert name in probe["generic"]
+    assert "quotas.management.commands.quotas_load_prices" in probe["generic"]
+    # A rate-limit decision (the second hit of a 1-per-minute rule is refused) and a spend
+    # decision (a charge, then an admission) ran.
+    assert probe["checks"] == [True, False]
+    assert probe["session_micro"] == 1_000 and probe["admitted"]
+    assert probe["realtime_loaded"] == []
+
+
+def test_the_generic_core_probe_sees_the_realtime_add_on_once_loaded():
+    probe = _probe_generic_core("--then-meter")
+    assert "quotas.realtime.meter" in probe["realtime_loaded"]
+    assert "quotas.realtime.usage" in probe["realtime_loaded"]
+
+
+def test_with_no_price_at_all_the_core_knows_none_and_the_realtime_meter_guesses_high():
+    from datetime import UTC, datetime
+
+    from quotas.pricing import PriceBook, price_book
+    from quotas.realtime import prices
+
+    now = datetime.now(UTC)
+    assert not ModelPrice.objects.exists()
+    neutral = price_book().rates_at("gpt-realtime", now)
+    assert neutral.unknown and neutral.audio_output == 0  # no OpenAI price in the core
+    assert PriceBook([]).dearest_at(now).text_input == 0
+    guessed = prices.price_book().rates_at("gpt-realtime", now)
+    assert guessed.unknown
+    assert (guessed.text_input, guessed.audio_output) == (Decimal(100), Decimal(200))

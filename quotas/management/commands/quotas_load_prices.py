@@ -1,4 +1,4 @@
-"""Load a published price sheet into ModelPrice."""
+"""Load one of the Realtime add-on's price sheets (``quotas.realtime.prices``) into ModelPrice."""
 
 from datetime import UTC, datetime
 
@@ -6,7 +6,6 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from django.utils import timezone
 
-from quotas.defaults import PRICE_SHEETS, load_price_sheet
 from quotas.models import ModelPrice
 
 
@@ -17,6 +16,8 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
+        from quotas.realtime.prices import PRICE_SHEETS  # the add-on, only when run
+
         parser.add_argument("sheet", nargs="?", default="list", choices=sorted(PRICE_SHEETS))
         parser.add_argument(
             "--effective-from",
@@ -24,6 +25,8 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, sheet, effective_from, **options):
+        from quotas.realtime.prices import load_price_sheet
+
         when = timezone.now()
         if effective_from:
             try:

@@ -10,8 +10,8 @@ time. Loading it takes one to two seconds and some 140 MiB per process, once (ca
 during the load wait for it), at the first call or at ``load_o200k()``; after that a
 4,000-character message costs about 0.1-0.4 ms, linear in the length even for adversarial input
 (one long run of punctuation or of one letter). A serving process loads it before it takes
-traffic (``quotas.startup``): loaded by the first message instead, it would stall the event loop
-of every session of the process for that long.
+traffic (``quotas.startup.prepare_process(load_o200k)``): loaded by the first message instead,
+it would stall the event loop of every session of the process for that long.
 
 Fallback: the UTF-8 byte count, used when the wheel is missing or does not load on this
 platform (logged once as a warning), and for texts the wheel refuses (a million characters and

@@ -34,33 +34,24 @@ from channels.db import database_sync_to_async
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Sum
 
-from .breaker import broadcast_breaker_open
-from .caps import SESSION, Identity
-from .defaults import TOKEN_KINDS
-from .metrics import (
+from ..breaker import broadcast_breaker_open
+from ..caps import SESSION, Identity
+from ..metrics import (
     active_sessions_total,
     api_cost_total_usd,
     budget_exceeded_total,
     session_duration_seconds,
     token_usage_total,
 )
-from .pricing import (
-    INPUT_AUDIO_TOKENS_PER_SECOND,
-    OUTPUT_AUDIO_TOKENS_PER_SECOND,
-    OUTPUT_KINDS,
-    PCM16_BYTES_PER_SECOND,
+from ..pricing import (
     PER_TOKENS,
-    TokenCounts,
-    price_book,
+    TOKEN_KINDS,
     quantize_usd,
     timestamp_to_datetime,
     to_micro,
-    tool_token_counts,
-    transcription_token_counts,
-    usage_token_counts,
     warn_unknown,
 )
-from .protocol import (
+from ..protocol import (
     CLOSE_BUDGET,
     CLOSE_DURATION,
     CLOSE_PAUSED,
@@ -71,8 +62,19 @@ from .protocol import (
     format_usd,
     warning_event,
 )
-from .spend import Admission, entry_member, spend_counters
+from ..spend import Admission, entry_member, spend_counters
+from .prices import price_book
 from .text_tokens import text_token_bound
+from .usage import (
+    INPUT_AUDIO_TOKENS_PER_SECOND,
+    OUTPUT_AUDIO_TOKENS_PER_SECOND,
+    OUTPUT_KINDS,
+    PCM16_BYTES_PER_SECOND,
+    TokenCounts,
+    tool_token_counts,
+    transcription_token_counts,
+    usage_token_counts,
+)
 
 logger = logging.getLogger("quotas.meter")
 
@@ -119,7 +121,7 @@ def _add_to_session_totals(session_id, cost, tokens):
     The same statement as ``filter(pk=...).update(cost_usd=F("cost_usd") + cost, ...)``,
     written once: compiling seven F() expressions per booking cost more than the write.
     """
-    from .models import QuotaSession
+    from ..models import QuotaSession
 
     meta = QuotaSession._meta
     quote = connection.ops.quote_name
@@ -151,7 +153,7 @@ def _book_in_one_statement(
     no-op, and the UPDATE runs only when the INSERT did; one round trip and one commit
     instead of four. Returns the new record's id, or None for a replay.
     """
-    from .models import QuotaSession, UsageRecord
+    from ..models import QuotaSession, UsageRecord
 
     sql = _BOOK_SQL.get("postgresql")
     if sql is None:
@@ -197,7 +199,7 @@ def _settle_in_one_statement(record_id, session_id, reference, tokens, cost, unk
     record did, so a replayed settlement changes nothing; one round trip and one commit
     instead of four. Returns whether the record was settled.
     """
-    from .models import QuotaSession, UsageRecord
+    from ..models import QuotaSession, UsageRecord
 
     sql = _SETTLE_SQL.get("postgresql")
     if sql is None:
@@ -365,7 +367,7 @@ class SessionMeter:
 
     @database_sync_to_async
     def _create_session(self, started_at):
-        from .models import QuotaSession
+        from ..models import QuotaSession
 
         session = QuotaSession.objects.create(
             client=self.client[:100],
@@ -385,7 +387,7 @@ class SessionMeter:
 
     @database_sync_to_async
     def _heartbeat(self, at):
-        from .models import QuotaSession
+        from ..models import QuotaSession
 
         QuotaSession.objects.filter(pk=self.session_id, ended_at__isnull=True).update(
             heartbeat_at=at
@@ -393,7 +395,7 @@ class SessionMeter:
 
     async def close(self, end_reason):
         """End the session: ``ended_at``, ``end_reason`` and totals from its records; idempotent."""
-        from .models import QuotaSession
+        from ..models import QuotaSession
 
         if self.session_id is None or self.closed:
             return
@@ -592,7 +594,7 @@ class SessionMeter:
 
     @database_sync_to_async
     def _book_provisional(self, reservation, at):
-        from .models import UsageRecord
+        from ..models import UsageRecord
 
         tokens = reservation.counts.as_dict()
         when = timestamp_to_datetime(at)
@@ -628,7 +630,7 @@ class SessionMeter:
 
     @database_sync_to_async
     def _drop_provisional(self, reservation):
-        from .models import UsageRecord
+        from ..models import UsageRecord
 
         with transaction.atomic():
             deleted, _ = UsageRecord.objects.filter(
@@ -641,7 +643,7 @@ class SessionMeter:
     @database_sync_to_async
     def _settle_provisional(self, reservation, reference, counts_of, at):
         """Replace the provisional record by the exact usage, in place (sync; idempotent)."""
-        from .models import UsageRecord
+        from ..models import UsageRecord
 
         when = timestamp_to_datetime(at)
         book = price_book()
@@ -737,7 +739,7 @@ class SessionMeter:
 
     @database_sync_to_async
     def _book(self, kind, reference, model, counts_of, at, per_call=0):
-        from .models import QuotaSession, UsageRecord
+        from ..models import QuotaSession, UsageRecord
 
         when = timestamp_to_datetime(at)
         book = price_book()
@@ -982,7 +984,7 @@ def end_session(session_id, ended_at, end_reason):
     """Close a ledger session: ``ended_at``, ``end_reason`` and totals from its records (sync).
 
     Returns 1 when it was open, 0 when it had been closed already."""
-    from .models import QuotaSession, UsageRecord
+    from ..models import QuotaSession, UsageRecord
 
     sums = UsageRecord.objects.filter(session_id=session_id).aggregate(
         cost=Sum("cost_usd"), **{kind: Sum(kind) for kind in TOKEN_KINDS}
