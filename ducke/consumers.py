@@ -6,7 +6,7 @@ server-owned ``session.update``, then relays: browser events pass ``client_event
 browser as they came. Tool calls run here, on the server.
 
 Money: the relay starts every response itself (spoken turn, typed turn, after a tool), and
-only after ``quotas.meter.SessionMeter.reserve_response`` has held its worst case against
+only after ``quotas.realtime.meter.SessionMeter.reserve_response`` has held its worst case against
 every cap (session, spend limits, hourly, breaker): refused, the browser gets
 ``quota.exceeded`` and the session ends. A response counts as running from the moment its
 ``response.create`` is sent, so at most one runs. The meter books every upstream

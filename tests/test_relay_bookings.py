@@ -8,8 +8,8 @@ import uuid
 import pytest
 from asgiref.sync import sync_to_async
 
-from quotas.meter import SessionMeter
 from quotas.models import QuotaSession, UsageRecord
+from quotas.realtime.meter import SessionMeter
 from tests.fixtures.relay import SessionClient, user_text
 
 pytestmark = [
