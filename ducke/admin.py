@@ -5,11 +5,12 @@ from axes.handlers.proxy import AxesProxyHandler
 from axes.helpers import get_cool_off
 from axes.models import AccessAttempt, AccessLog
 from axes.utils import reset
-from django.conf import settings
 from django.contrib import admin
 from django.db.models import IntegerField, OuterRef, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
+
+from ducke.conf import ducke_settings
 
 
 def _failures_in_window(field, since):
@@ -50,7 +51,7 @@ class LoginAttemptAdmin(AccessAttemptAdmin):
 
     @staticmethod
     def _against_limit(failures, parameter):
-        limit = settings.DUCKE_LOGIN_FAILURE_LIMITS[parameter]
+        limit = ducke_settings.LOGIN_FAILURE_LIMITS[parameter]
         return f"{failures} / {limit}" + (" locked" if failures >= limit else "")
 
     @admin.display(description="username failures (cool-off)", ordering="username_total")

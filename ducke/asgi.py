@@ -25,7 +25,7 @@ from quotas.startup import prepare_process  # noqa: E402
 
 prepare_process(load_o200k)
 
-from ducke.close_codes import allow_server_close_codes  # noqa: E402
+from ducke.server_workarounds import allow_server_close_codes  # noqa: E402
 
 allow_server_close_codes()
 

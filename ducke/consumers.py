@@ -6,7 +6,7 @@ server-owned ``session.update``, then relays: browser events pass ``client_event
 browser as they came. Tool calls run here, on the server.
 
 Money: the relay starts every response itself (spoken turn, typed turn, after a tool), and
-only after ``quotas.meter.SessionMeter.reserve_response`` has held its worst case against
+only after ``quotas.realtime.meter.SessionMeter.reserve_response`` has held its worst case against
 every cap (session, spend limits, hourly, breaker): refused, the browser gets
 ``quota.exceeded`` and the session ends. A response counts as running from the moment its
 ``response.create`` is sent, so at most one runs. The meter books every upstream
@@ -16,25 +16,31 @@ the breaker threshold) would be passed within about a second of audio, the relay
 response upstream and ends the session once the final usage is booked. A browser that leaves
 mid-response, a quota close and a server shutdown all drain upstream first, so the usage of
 every response is booked.
+
+The upstream read path never waits for the ledger: audio deltas are read without a JSON parse
+(``ducke.realtime.upstream.read_audio_delta``), and the bookings it meets (a response's
+settlement at ``response.done``, input transcriptions) run in turn in tasks while later events
+keep flowing to the browser. The response lifecycle (``ducke.response_lifecycle``) keeps the
+next reservation waiting until they are over, and the session's end too (bounded). Where
+the relay reaches into daphne, Twisted or Channels: ``ducke.server_workarounds``.
 The quotas app guards the connection before this consumer runs
 (``quotas.guards.ConnectionGuard``: rate limit, concurrent sessions, hourly cap, breaker).
 """
 
 import asyncio
-import functools
 import json
 import logging
 import re
-import sys
 import time
-import weakref
 
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.conf import settings
 
+from ducke.conf import ducke_settings
 from ducke.realtime import client_events
 from ducke.realtime.persona import TRANSCRIPTION_MODEL, session_update
-from ducke.realtime.upstream import open_upstream
+from ducke.realtime.upstream import open_upstream, read_audio_delta
+from ducke.response_lifecycle import ResponseLifecycle
+from ducke.server_workarounds import DirectReceiveMixin, ServerShutdown, send_backlog
 from ducke.tools import TOOL_SCHEMAS, run_tool
 from quotas.caps import Identity
 from quotas.consumers import QuotaConsumerMixin
@@ -64,34 +70,6 @@ _AUDIO_APPEND_UPSTREAM = '{"type": "input_audio_buffer.append", "audio": "%s"}'
 _BASE64_CHARS = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
-def _setting(name, default):
-    return getattr(settings, name, default)
-
-
-def send_backlog(send):
-    """Bytes the server holds for the browser that its socket has not taken yet.
-
-    ASGI gives no backpressure: daphne writes every message into Twisted's transport, which
-    buffers whatever a client does not read. Under daphne, ``send`` is
-    ``partial(server.handle_reply, protocol)``, possibly wrapped by Channels' session
-    middleware (``AuthMiddlewareStack``: a bound ``send`` whose instance keeps ``real_send``);
-    elsewhere this returns 0 (unknown).
-    """
-    for _ in range(8):  # unwrap middleware sends down to daphne's own
-        if isinstance(send, functools.partial):
-            break
-        inner = getattr(getattr(send, "__self__", None), "real_send", None)
-        if inner is None:
-            break
-        send = inner
-    protocol = send.args[0] if isinstance(send, functools.partial) and send.args else None
-    transport = getattr(protocol, "transport", None)
-    try:
-        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-    except (AttributeError, TypeError):
-        return 0
-
-
 def error_event(code, message, error_type="invalid_request_error"):
     """An ``error`` server event in the Realtime shape, safe to show the browser."""
     return {"type": "error", "error": {"type": error_type, "code": code, "message": message}}
@@ -108,110 +86,60 @@ def plain_audio_append(text):
     return None
 
 
+def base64_bytes(chars):
+    """Bytes carried by ``chars`` base64 characters, without decoding them."""
+    return chars * 3 // 4
+
+
 def audio_bytes(base64_text):
     """pcm16 bytes carried by a base64 string, without decoding it."""
-    return len(base64_text) * 3 // 4 if isinstance(base64_text, str) else 0
+    return base64_bytes(len(base64_text)) if isinstance(base64_text, str) else 0
 
 
-# Sessions of this process, and the tasks ending them for a server shutdown.
-_live_sessions = weakref.WeakSet()
-_shutdown_tasks = set()
-_shutdown_hook = []
+async def _end_for_shutdown(session):
+    await session._end_for_shutdown()
 
 
-async def _sessions_ended():
-    """Wait until every session ending for a shutdown has booked its usage and closed."""
-    while _shutdown_tasks:
-        await asyncio.shield(asyncio.wait(set(_shutdown_tasks)))
+# The sessions of this process, ended properly when the server stops (daphne's SIGTERM).
+server_shutdown = ServerShutdown(_end_for_shutdown)
 
 
-async def end_all_sessions():
-    """End every session of this process for a server shutdown (usage booked, ledger closed)."""
-    sessions = list(_live_sessions)
-    if sessions:
-        logger.info("server shutdown: ending %d sessions", len(sessions))
-    for session in sessions:
-        session._begin_shutdown()
-    await _sessions_ended()
-
-
-def _install_shutdown_hook():
-    """Under daphne, end every session before the reactor shuts down.
-
-    daphne's own shutdown step (``kill_all_applications``) cancels applications, but it
-    fails with a KeyError as soon as one connection has no application instance left (an
-    HTTP keep-alive connection whose response is done): then no session would be cancelled
-    and the event loop would stop under them. A "before shutdown" trigger of our own is
-    waited for by Twisted whatever happens to daphne's.
-    """
-    if _shutdown_hook:
-        return
-    reactor = sys.modules.get("twisted.internet.reactor")
-    if reactor is None or not getattr(reactor, "running", False):
-        return
-    from twisted.internet import defer
-
-    def before_shutdown():
-        return defer.Deferred.fromFuture(asyncio.ensure_future(end_all_sessions()))
-
-    _shutdown_hook.append(reactor.addSystemEventTrigger("before", "shutdown", before_shutdown))
-
-
-class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
+class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketConsumer):
     """Relays one browser voice session to the Realtime upstream and meters it."""
-
-    _shutdown_task = None
 
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
         except asyncio.CancelledError:
-            # A server that cancels its applications to stop (daphne on SIGTERM) resumes its
-            # shutdown as soon as the FIRST of them finishes (``asyncio.gather`` in daphne's
-            # ``kill_all_applications``): end this session properly (book what upstream
-            # completes), and wait for every other session's ending too.
-            self._begin_shutdown()
-            await _sessions_ended()
+            # The server cancels its applications to stop (ServerShutdown says why): end
+            # this session properly, and wait for every other session's ending too.
+            server_shutdown.begin(self)
+            await server_shutdown.ended()
             raise
         finally:
-            _live_sessions.discard(self)
+            server_shutdown.discard(self)
 
-    def _begin_shutdown(self):
-        """Start ending this session for a server shutdown (once); returns the task."""
-        if self._shutdown_task is None:
-            self._shutdown_task = asyncio.ensure_future(self._end_for_shutdown())
-            _shutdown_tasks.add(self._shutdown_task)
-            self._shutdown_task.add_done_callback(_shutdown_tasks.discard)
-        return self._shutdown_task
+    # Connect
 
     async def connect(self):
-        _install_shutdown_hook()
+        self.lifecycle = ResponseLifecycle()
+        server_shutdown.install_reactor_trigger()
         quotas = self.scope.get("quotas") or {}
         self.client = quotas.get("client") or scope_client_ip(self.scope)
         self.slot = quotas.get("slot")
         self.policy = quotas.get("policy") or await policy_cache.aget()
         self.identity = quotas.get("identity") or Identity(client=self.client)
-        self.model = _setting("DUCKE_REALTIME_MODEL", "gpt-realtime")
+        self.model = ducke_settings.REALTIME_MODEL
+        self.max_backlog = int(ducke_settings.MAX_SEND_BACKLOG_BYTES)
         self.upstream = None
         self.meter = None
         self.tasks = set()
-        self.closing = False
-        self.finished = False
         self.end_reason = "client_closed"
         self.last_activity = time.monotonic()
-        self.active_response = None
-        self.response_running = False  # from response.create sent until response.done
-        self.create_sent_id = None
-        self.creates = 0
-        self.response_idle = asyncio.Event()
-        self.response_idle.set()
-        self.cutoff = None
-        self.create_waiting = False
-        self.tools_running = 0
         self.pending_tool_outputs = []
         self.unbooked = []
-        self.max_backlog = int(_setting("DUCKE_MAX_SEND_BACKLOG_BYTES", 4 * 1024 * 1024))
-        _live_sessions.add(self)
+        self.last_booking = None  # the read path's bookings run in turn, in this chain
+        server_shutdown.add(self)
         await self.accept()
         self.meter = SessionMeter(
             self.client,
@@ -241,7 +169,7 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
             self.upstream = await open_upstream(
                 self.scope,
                 self.model,
-                open_timeout=float(_setting("DUCKE_UPSTREAM_CONNECT_TIMEOUT_SECONDS", 10)),
+                open_timeout=float(ducke_settings.UPSTREAM_CONNECT_TIMEOUT_SECONDS),
             )
             update = json.dumps(self._session_update())
             await self.upstream.send(update)
@@ -276,18 +204,18 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
 
     async def send_event(self, event):
         """Send one server event (a dict) to the browser."""
-        if not self.closing:
+        if not self.lifecycle.closing:
             await self.send(text_data=json.dumps(event))
 
     async def close_with(self, code, event=None, end_reason=None):
         """Optionally send a last event, then close the browser connection with ``code``."""
-        if self.closing:
+        if self.lifecycle.closing:
             return
         if event is not None:
             await self.send_event(event)
         if end_reason:
             self.end_reason = end_reason
-        self.closing = True
+        self.lifecycle.close()
         await self.close(code)
 
     async def _end_for_upstream(self, message):
@@ -299,22 +227,12 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
 
     # Browser -> upstream
 
-    async def dispatch(self, message):
-        # Audio frames arrive 10-50 times a second per session. Channels hops to the database
-        # thread before every message to close stale connections, queueing each frame behind
-        # ledger writes; receive() uses no database (the meter's database_sync_to_async calls
-        # close stale connections themselves), so frames skip that hop.
-        if message["type"] == "websocket.receive":
-            await self.websocket_receive(message)
-        else:
-            await super().dispatch(message)
-
     async def receive(self, text_data=None, bytes_data=None):
         self.last_activity = time.monotonic()
         if bytes_data is not None:
             await self.send_event(error_event("binary_not_supported", "Send JSON text frames."))
             return
-        if len(text_data) > int(_setting("DUCKE_MAX_FRAME_BYTES", 256 * 1024)):
+        if len(text_data) > int(ducke_settings.MAX_FRAME_BYTES):
             await self.close_with(
                 CLOSE_FRAME_TOO_LARGE,
                 error_event("frame_too_large", "That message is too large."),
@@ -325,7 +243,7 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
         if audio is not None:
             # The common frame, checked without a JSON round trip; forwarded byte for byte as
             # json.dumps would have written the sanitized event.
-            if self.upstream is None or self.closing:
+            if self.upstream is None or self.lifecycle.closing:
                 return
             self.meter.note_input_audio(audio_bytes(audio))
             await self._send_upstream(_AUDIO_APPEND_UPSTREAM % audio)
@@ -338,7 +256,7 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
         except client_events.RefusedEvent as refused:
             await self.send_event(error_event(refused.code, str(refused)))
             return
-        if self.upstream is None or self.closing:
+        if self.upstream is None or self.lifecycle.closing:
             return
         if event["type"] == "input_audio_buffer.append":
             self.meter.note_input_audio(audio_bytes(event["audio"]))
@@ -356,11 +274,12 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
         whole conversation as input the moment a response starts, so the budgets are checked
         before, not after (``SessionMeter.reserve_response``). A browser's ``response.create``
         while one runs is refused as upstream would (one response at a time); a spoken turn
-        or a tool result waits for the running response to be booked, and so does a browser's
-        request that comes after ``response.done`` but before the booking."""
-        if self.upstream is None or self.closing or self.cutoff:
+        or a tool result waits for the running response to be settled, and so does a
+        browser's request that comes after ``response.done`` but before the settlement."""
+        life = self.lifecycle
+        if self.upstream is None or life.closing or life.cutoff:
             return
-        if requested and (self.response_running or self.create_waiting):
+        if requested and (life.running or life.create_waiting):
             await self.send_event(
                 error_event(
                     "conversation_already_has_active_response",
@@ -368,15 +287,13 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
                 )
             )
             return
-        if not self.response_idle.is_set():
+        if not life.idle:
             # A response is running, or its usage is still being booked: decide once the
             # ledger has it, or the check would use a stale spend.
-            if not self.create_waiting:
-                self.create_waiting = True
+            if life.wait_to_create():
                 self._spawn(self._create_response_when_idle())
             return
-        self.response_running = True
-        self.response_idle.clear()
+        life.reserve()
         try:
             # Policy edits (caps, spend limits) reach running sessions at their next answer.
             self.policy = await policy_cache.aget()
@@ -384,7 +301,7 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
             admission = await self.meter.reserve_response()
         except Exception as exc:  # no hold, no response: the budgets cannot be checked
             logger.error("could not reserve a response: %s", exc.__class__.__name__)
-            self._response_over()
+            life.not_started()
             await self.close_with(
                 CLOSE_UPSTREAM_FAILURE,
                 error_event(
@@ -394,30 +311,27 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
             )
             return
         if not admission.allowed:
-            self._response_over()
+            life.not_started()
             code, event = self.meter.refusal(admission)
             await self.close_with(code, event, admission.reason)
             return
-        self.creates += 1
-        self.create_sent_id = f"ducke_create_{self.creates}"
-        await self._send_upstream(
-            json.dumps({"type": "response.create", "event_id": self.create_sent_id})
-        )
+        event_id = life.request()
+        if event_id is None:  # upstream went away meanwhile: the session is ending
+            return
+        await self._send_upstream(json.dumps({"type": "response.create", "event_id": event_id}))
 
-    def _response_over(self):
-        """No response runs any more (booked, refused or never started)."""
-        self.response_running = False
-        self.create_sent_id = None
-        self.response_idle.set()
+    async def _create_response_when_idle(self):
+        await self.lifecycle.wait_idle()
+        self.lifecycle.stop_waiting()
+        await self._create_response()
 
     async def _release_unstarted(self):
         """Upstream refused the response just requested: give its hold back."""
-        self.active_response = None
         try:
             await self.meter.release_reservation()
         except Exception as exc:  # the hold expires with its window; the session goes on
             logger.warning("could not release a reservation: %s", exc.__class__.__name__)
-        self._response_over()
+        self.lifecycle.not_started()
 
     async def _send_upstream(self, text):
         try:
@@ -433,27 +347,40 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
             async for raw in self.upstream:
                 if isinstance(raw, bytes):
                     continue
+                delta = read_audio_delta(raw)
+                if delta is not None:
+                    # Most of the stream: read from the frame text, no JSON parse.
+                    response_id, delta_chars = delta
+                    await self._forward(raw)
+                    await self._on_audio_delta(response_id, base64_bytes(delta_chars))
+                    continue
                 try:
                     event = json.loads(raw)
                 except ValueError:
                     continue
-                if event.get("type") == "response.done":
+                kind = event.get("type")
+                if kind == "response.done":
                     # Over for the browser from the moment it can see this: a response.create
-                    # it sends now waits for the booking instead of being refused.
-                    self.response_running = False
-                if not self.closing:
-                    if send_backlog(self.base_send) > self.max_backlog:
-                        await self._end_for_slow_client()
-                    else:
-                        await self.send(text_data=raw)
-                await self._on_upstream_event(event)
+                    # it sends now waits for the settlement instead of being refused.
+                    self.lifecycle.done()
+                await self._forward(raw)
+                await self._on_upstream_event(kind, event)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             logger.warning("upstream read failed: %s", exc.__class__.__name__)
-        self.response_idle.set()
-        if not self.closing:
+        self.lifecycle.upstream_lost()
+        if not self.lifecycle.closing:
             await self._end_for_upstream("The voice service ended the session unexpectedly.")
+
+    async def _forward(self, raw):
+        """Relay one upstream frame as it came, unless the browser stopped reading."""
+        if self.lifecycle.closing:
+            return
+        if send_backlog(self.base_send) > self.max_backlog:
+            await self._end_for_slow_client()
+        else:
+            await self.send(text_data=raw)
 
     async def _end_for_slow_client(self):
         """The browser does not read what it asked for: end the session (usage is still
@@ -468,55 +395,49 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
             end_reason="error",
         )
 
-    async def _on_upstream_event(self, event):
-        kind = event.get("type")
+    async def _on_upstream_event(self, kind, event):
         if kind == "response.output_audio.delta":
-            reason = self.meter.note_output_audio(
-                event.get("response_id"), audio_bytes(event.get("delta"))
-            )
-            if reason and self.cutoff is None:
-                await self._cut_off(reason, event.get("response_id"))
+            await self._on_audio_delta(event.get("response_id"), audio_bytes(event.get("delta")))
         elif kind == "response.created":
-            self.active_response = (event.get("response") or {}).get("id")
-            self.create_sent_id = None
-            self.meter.note_response_started(self.active_response)
-            self.response_idle.clear()
+            response_id = (event.get("response") or {}).get("id")
+            self.lifecycle.created(response_id)
+            self.meter.note_response_started(response_id)
         elif kind == "response.done":
             # The hold is taken now: a retried booking (database away) settles this same hold,
             # and the next answer may be reserved meanwhile.
             reservation = self.meter.take_reservation(
                 (event.get("response") or {}).get("id") or event.get("response_id")
             )
-            await self._book(self.meter.charge_response, event, reservation)
-            self.active_response = None
-            self._response_over()
-            await self._after_response()
+            self._queue_booking(self._settle, event, reservation)
         elif kind == "error":
-            if self.create_sent_id is not None and self.active_response is None:
+            if self.lifecycle.requested:
                 error = event.get("error") or {}
-                if error.get("event_id") == self.create_sent_id or error.get("code") == (
+                if error.get("event_id") == self.lifecycle.create_event_id or error.get("code") == (
                     "conversation_already_has_active_response"
                 ):
                     await self._release_unstarted()
         elif kind == "conversation.item.input_audio_transcription.completed":
             if event.get("usage"):
-                await self._book(
-                    self.meter.charge_transcription,
-                    str(event.get("item_id")),
-                    event["usage"],
-                    TRANSCRIPTION_MODEL,
+                self.lifecycle.booking_queued()
+                self._queue_booking(
+                    self._book_transcription, str(event.get("item_id")), event["usage"]
                 )
         elif kind == "response.function_call_arguments.done":
-            self.tools_running += 1
+            self.lifecycle.tool_started()
             self._spawn(self._run_tool(event))
         elif kind == "input_audio_buffer.committed":
             # Server VAD ended a spoken turn; upstream does not answer by itself
             # (create_response is off), so the answer passes the budget check too.
             await self._create_response()
 
+    async def _on_audio_delta(self, response_id, nbytes):
+        """Project the running response's cost; cut it off before it overspends."""
+        reason = self.meter.note_output_audio(response_id, nbytes)
+        if reason and self.lifecycle.cut_off(reason):
+            await self._cut_off(reason, response_id)
+
     async def _cut_off(self, reason, response_id):
         """Cancel the running response before it overspends; the session ends after booking."""
-        self.cutoff = reason
         logger.info("cutting off response %s: projected %s limit", response_id, reason)
         cancel = {"type": "response.cancel"}
         if response_id:
@@ -526,18 +447,46 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
         except Exception as exc:
             logger.warning("could not cancel upstream: %s", exc.__class__.__name__)
 
+    async def _settle(self, event, reservation):
+        """Book a finished response (settling its hold), then go on: cutoff or tools."""
+        try:
+            await self._book(self.meter.charge_response, event, reservation)
+        finally:
+            self.lifecycle.settled()
+        await self._after_response()
+
+    async def _book_transcription(self, item_id, usage):
+        try:
+            await self._book(self.meter.charge_transcription, item_id, usage, TRANSCRIPTION_MODEL)
+        finally:
+            self.lifecycle.booking_done()
+
     async def _after_response(self):
         """After a booked response: end the session on a cutoff, else answer pending tools."""
-        if self.cutoff and not self.closing:
+        life = self.lifecycle
+        if life.cutoff and not life.closing:
             await self.close_with(
-                close_code_for(self.cutoff),
-                exceeded_event(self.cutoff, refusal_message(self.cutoff), 0),
-                self.cutoff,
+                close_code_for(life.cutoff),
+                exceeded_event(life.cutoff, refusal_message(life.cutoff), 0),
+                life.cutoff,
             )
             return
         await self._flush_tool_outputs()
 
     # Booking: exactly once (the meter is idempotent), retried while the database is away.
+    # The upstream read path hands its bookings to a chain of tasks and goes on forwarding;
+    # the lifecycle keeps the next reservation (and the session's end) waiting for them.
+
+    def _queue_booking(self, book, *args):
+        """Run ``book(*args)`` after the bookings queued before it, off the read path."""
+        previous = self.last_booking
+
+        async def in_turn():
+            if previous is not None:
+                await asyncio.wait({previous})
+            await book(*args)
+
+        self.last_booking = self._spawn(in_turn())
 
     async def _book(self, charge, *args):
         try:
@@ -571,17 +520,12 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
         for warning in outcome.warnings:
             await self.send_event(warning)
         await self.send_event(self.meter.status())
-        if outcome.close_code and not self.closing:
+        if outcome.close_code and not self.lifecycle.closing:
             await self.close_with(
                 outcome.close_code, outcome.exceeded, outcome.exceeded.get("reason")
             )
 
     # Tools
-
-    async def _create_response_when_idle(self):
-        await self.response_idle.wait()
-        self.create_waiting = False
-        await self._create_response()
 
     async def _run_tool(self, event):
         call_id = str(event.get("call_id"))
@@ -621,14 +565,15 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
                 }
             )
         finally:
-            self.tools_running -= 1
+            self.lifecycle.tool_finished()
         await self._flush_tool_outputs()
 
     async def _flush_tool_outputs(self):
         """Send finished tool results and ask for the spoken answer once nothing is running."""
-        if self.tools_running or self.active_response or not self.pending_tool_outputs:
+        life = self.lifecycle
+        if life.tools_running or life.answering or not self.pending_tool_outputs:
             return
-        if self.upstream is None or self.closing or self.cutoff:
+        if self.upstream is None or life.closing or life.cutoff:
             return
         outputs, self.pending_tool_outputs = self.pending_tool_outputs, []
         for item in outputs:
@@ -639,10 +584,10 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
     # Time: duration cap and warnings, idle timeout, slot refresh
 
     async def _watch(self):
-        idle_limit = float(_setting("DUCKE_IDLE_TIMEOUT_SECONDS", 300))
+        idle_limit = float(ducke_settings.IDLE_TIMEOUT_SECONDS)
         # The slot and the heartbeat (the stale-session sweep's proof of life) together.
         next_refresh = time.monotonic() + self.quota_refresh_seconds
-        while not self.closing:
+        while not self.lifecycle.closing:
             check = self.meter.duration_events()
             for warning in check.warnings:
                 await self.send_event(warning)
@@ -650,7 +595,7 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
                 await self.close_with(check.close_code, check.exceeded, "duration")
                 return
             now = time.monotonic()
-            if now - self.last_activity >= idle_limit and self.response_idle.is_set():
+            if now - self.last_activity >= idle_limit and self.lifecycle.idle:
                 await self.close_with(
                     CLOSE_NORMAL,
                     error_event("idle_timeout", "Closed after a long silence.", "session"),
@@ -674,13 +619,14 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
     # End of session
 
     async def disconnect(self, code):
-        self.closing = True
-        await self._finish()
+        if hasattr(self, "lifecycle"):
+            self.lifecycle.close()
+            await self._finish()
 
     async def _end_for_shutdown(self):
-        if not hasattr(self, "meter") or self.finished:
+        if not hasattr(self, "meter") or self.lifecycle.finished:
             return
-        if not self.closing:
+        if not self.lifecycle.closing:
             self.end_reason = "server_shutdown"
             try:
                 await self.close_with(
@@ -691,20 +637,26 @@ class SessionConsumer(QuotaConsumerMixin, AsyncWebsocketConsumer):
                     "server_shutdown",
                 )
             except Exception:  # the browser may be gone already
-                self.closing = True
+                self.lifecycle.close()
         await self._finish()
 
     async def _finish(self):
-        """Drain upstream so every response is booked, then close the ledger row."""
-        if self.finished or not hasattr(self, "meter"):
+        """Drain upstream and wait for the bookings so every response is booked, then close
+        the ledger row."""
+        if not hasattr(self, "meter") or not self.lifecycle.finish():
             return
-        self.finished = True
-        if self.upstream is not None and not self.response_idle.is_set():
+        life = self.lifecycle
+        if self.upstream is not None and life.running:
             try:
                 await self.upstream.send(json.dumps({"type": "response.cancel"}))
-                await asyncio.wait_for(self.response_idle.wait(), DRAIN_SECONDS)
-            except Exception as exc:
+            except Exception as exc:  # upstream is gone: its read ends, nothing more is owed
                 logger.warning("draining upstream failed: %s", exc.__class__.__name__)
+        if not life.idle:
+            # The running response's done, its settlement and the other bookings, bounded.
+            try:
+                await asyncio.wait_for(life.wait_idle(), DRAIN_SECONDS)
+            except TimeoutError:
+                logger.warning("session ended before its bookings (%r)", life)
         if self.unbooked:
             await self._retry_bookings(deadline=time.monotonic() + DRAIN_SECONDS)
             if self.unbooked:

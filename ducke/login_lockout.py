@@ -5,7 +5,7 @@ address and user agent) and, for each entry of ``AXES_LOCKOUT_PARAMETERS``, sums
 within ``AXES_COOLOFF_TIME``. It then compares the largest sum against a single
 ``AXES_FAILURE_LIMIT``; it has no limit per parameter. DUCK-E wants two: 5 failures lock a
 username (from any address), 20 lock an address (for any usernames), as set in
-``settings.DUCKE_LOGIN_FAILURE_LIMITS`` (keyed by lockout parameter).
+``DUCKE_LOGIN_FAILURE_LIMITS`` (``ducke.conf``) (keyed by lockout parameter).
 
 Both places where axes decides are ``get_failures(request) >= get_failure_limit(request)``:
 the check before authentication (``is_locked``) and the one after recording a failure
@@ -34,6 +34,7 @@ from django.http import JsonResponse
 from django.template.response import TemplateResponse
 from django.utils import timezone
 
+from ducke.conf import ducke_settings
 from quotas.middleware import request_client_address, request_client_ip
 
 # What the lockout page calls each parameter.
@@ -83,7 +84,7 @@ class LoginLockoutHandler(AxesDatabaseHandler):
 
     def failure_counts(self, request, credentials=None):
         """One ``FailureCount`` per ``AXES_LOCKOUT_PARAMETERS`` entry, in that order."""
-        limits = settings.DUCKE_LOGIN_FAILURE_LIMITS
+        limits = ducke_settings.LOGIN_FAILURE_LIMITS
         names = [_parameter_name(p) for p in get_lockout_parameters(request, credentials)]
         counts = []
         for name, attempts in zip(names, self.get_user_attempts(request, credentials), strict=True):

@@ -12,12 +12,12 @@ every scrape (and is reported by the ``ducke.E010`` system check).
 import hmac
 import logging
 
-from django.conf import settings
 from django.core.checks import Error, Tags, register
 from django.http import HttpResponseForbidden
 from django.views.decorators.http import require_GET
 from django_prometheus.exports import ExportToDjangoView
 
+from ducke.conf import ducke_settings
 from quotas.clientip import parse_trusted_proxies
 from quotas.middleware import request_client_address
 
@@ -46,8 +46,8 @@ def _token_allowed(request, token):
 
 def metrics_allowed(request):
     """True when the request may read the metrics under the current settings."""
-    cidrs = getattr(settings, "DUCKE_METRICS_ALLOWED_CIDRS", "") or ""
-    token = getattr(settings, "DUCKE_METRICS_TOKEN", "") or ""
+    cidrs = ducke_settings.METRICS_ALLOWED_CIDRS or ""
+    token = ducke_settings.METRICS_TOKEN or ""
     if cidrs.strip() and not _address_allowed(request, cidrs):
         return False
     return not token or _token_allowed(request, token)
@@ -65,7 +65,7 @@ def metrics(request):
 @register(Tags.security)
 def check_metrics_access(app_configs, **kwargs):
     """Report a malformed DUCKE_METRICS_ALLOWED_CIDRS at start-up (ducke.E010)."""
-    cidrs = getattr(settings, "DUCKE_METRICS_ALLOWED_CIDRS", "") or ""
+    cidrs = ducke_settings.METRICS_ALLOWED_CIDRS or ""
     try:
         parse_trusted_proxies(cidrs)
     except ValueError as exc:

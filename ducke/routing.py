@@ -10,9 +10,9 @@ import logging
 
 from channels.auth import AuthMiddlewareStack
 from channels.routing import URLRouter
-from django.conf import settings
 from django.urls import path, re_path
 
+from ducke.conf import ducke_settings
 from ducke.consumers import SessionConsumer
 from ducke.origin import WebsocketOriginValidator, refuse_handshake
 from quotas.edge import count_hit
@@ -42,7 +42,7 @@ def _session_text_tokens():
     from ducke.tools import TOOL_SCHEMAS
 
     update = session_update(
-        model=settings.DUCKE_REALTIME_MODEL, accept_language="", tools=TOOL_SCHEMAS
+        model=ducke_settings.REALTIME_MODEL, accept_language="", tools=TOOL_SCHEMAS
     )
     return text_token_bound(json.dumps(update))
 
@@ -50,7 +50,7 @@ def _session_text_tokens():
 def first_answer_room(budget):
     """What a new DUCK-E session needs left under every cap: its first answer's worst case."""
     return smallest_answer_micro(
-        budget, input_text_tokens=_session_text_tokens(), model=settings.DUCKE_REALTIME_MODEL
+        budget, input_text_tokens=_session_text_tokens(), model=ducke_settings.REALTIME_MODEL
     )
 
 
@@ -69,7 +69,7 @@ def websocket_application():
             ),
         ),
     ]
-    if settings.DUCKE_SIMULATOR_ENABLED:
+    if ducke_settings.SIMULATOR_ENABLED:
         from ducke.realtime.simulator_consumer import SimulatorConsumer
 
         # Upstream clients (the relay, the openai SDK) send no Origin header: no origin check.

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import environ
 
+from ducke.conf import default as _ducke_default
 from ducke.redis_config import (
     cache_settings,
     channel_layer_settings,
@@ -228,8 +229,16 @@ AUTHENTICATION_BACKENDS = [
 # every parameter against one AXES_FAILURE_LIMIT; ducke.login_lockout's handler and limit
 # callable together compare each parameter against its own.
 DUCKE_LOGIN_FAILURE_LIMITS = {
-    "username": _read("DJANGO_LOGIN_FAILURES_PER_USERNAME", _positive_int, 5),
-    "ip_address": _read("DJANGO_LOGIN_FAILURES_PER_ADDRESS", _positive_int, 20),
+    "username": _read(
+        "DJANGO_LOGIN_FAILURES_PER_USERNAME",
+        _positive_int,
+        _ducke_default("LOGIN_FAILURE_LIMITS")["username"],
+    ),
+    "ip_address": _read(
+        "DJANGO_LOGIN_FAILURES_PER_ADDRESS",
+        _positive_int,
+        _ducke_default("LOGIN_FAILURE_LIMITS")["ip_address"],
+    ),
 }
 AXES_LOCKOUT_PARAMETERS = list(DUCKE_LOGIN_FAILURE_LIMITS)
 AXES_FAILURE_LIMIT = "ducke.login_lockout.failure_limit"
@@ -288,8 +297,10 @@ QUOTAS_SESSION_HEARTBEAT_SECONDS = _read("QUOTAS_SESSION_HEARTBEAT_SECONDS", _fl
 
 # Realtime upstream.
 OPENAI_API_KEY = env.str("OPENAI_API_KEY", default="").strip()
-DUCKE_REALTIME_MODEL = env.str("DUCKE_REALTIME_MODEL", default="gpt-realtime").strip()
-DUCKE_REALTIME_URL = env.str("DUCKE_REALTIME_URL", default="").strip()
+DUCKE_REALTIME_MODEL = env.str(
+    "DUCKE_REALTIME_MODEL", default=_ducke_default("REALTIME_MODEL")
+).strip()
+DUCKE_REALTIME_URL = env.str("DUCKE_REALTIME_URL", default=_ducke_default("REALTIME_URL")).strip()
 
 LOGGING = {
     "version": 1,
@@ -305,32 +316,48 @@ LOGGING = {
 
 # The local Realtime simulator is the upstream when there is no OpenAI key (and no URL override).
 DUCKE_SIMULATOR_ENABLED = _read("DUCKE_SIMULATOR_ENABLED", _bool, not OPENAI_API_KEY)
-DUCKE_SIMULATOR_PACE = _read("DUCKE_SIMULATOR_PACE", _float, 1.0)
+DUCKE_SIMULATOR_PACE = _read("DUCKE_SIMULATOR_PACE", _float, _ducke_default("SIMULATOR_PACE"))
 # Benchmarks only: stamp each simulator event with its send order and monotonic send time.
-DUCKE_SIMULATOR_STAMP = _read("DUCKE_SIMULATOR_STAMP", _bool, False)
+DUCKE_SIMULATOR_STAMP = _read("DUCKE_SIMULATOR_STAMP", _bool, _ducke_default("SIMULATOR_STAMP"))
 # Tests across processes: append every client event and response.done the simulator sees to
 # this JSON-lines file. Empty (the default): no log.
-DUCKE_SIMULATOR_LOG = env.str("DUCKE_SIMULATOR_LOG", default="").strip()
+DUCKE_SIMULATOR_LOG = env.str(
+    "DUCKE_SIMULATOR_LOG", default=_ducke_default("SIMULATOR_LOG")
+).strip()
 
 # Relay limits.
-DUCKE_MAX_FRAME_BYTES = _read("DUCKE_MAX_FRAME_BYTES", _int, 256 * 1024)
-DUCKE_IDLE_TIMEOUT_SECONDS = _read("DUCKE_IDLE_TIMEOUT_SECONDS", _float, 300.0)
+DUCKE_MAX_FRAME_BYTES = _read("DUCKE_MAX_FRAME_BYTES", _int, _ducke_default("MAX_FRAME_BYTES"))
+DUCKE_IDLE_TIMEOUT_SECONDS = _read(
+    "DUCKE_IDLE_TIMEOUT_SECONDS", _float, _ducke_default("IDLE_TIMEOUT_SECONDS")
+)
 # A browser that leaves this much of the relayed stream unread is disconnected (1013).
-DUCKE_MAX_SEND_BACKLOG_BYTES = _read("DUCKE_MAX_SEND_BACKLOG_BYTES", _int, 4 * 1024 * 1024)
+DUCKE_MAX_SEND_BACKLOG_BYTES = _read(
+    "DUCKE_MAX_SEND_BACKLOG_BYTES", _int, _ducke_default("MAX_SEND_BACKLOG_BYTES")
+)
 DUCKE_UPSTREAM_CONNECT_TIMEOUT_SECONDS = _read(
-    "DUCKE_UPSTREAM_CONNECT_TIMEOUT_SECONDS", _float, 10.0
+    "DUCKE_UPSTREAM_CONNECT_TIMEOUT_SECONDS",
+    _float,
+    _ducke_default("UPSTREAM_CONNECT_TIMEOUT_SECONDS"),
 )
 
 # Server-side tools (Open-Meteo needs no key; web search uses OPENAI_API_KEY).
-DUCKE_GEOCODING_URL = env.str("DUCKE_GEOCODING_URL", default="https://geocoding-api.open-meteo.com")
-DUCKE_WEATHER_URL = env.str("DUCKE_WEATHER_URL", default="https://api.open-meteo.com")
-DUCKE_OPENAI_BASE_URL = env.str("DUCKE_OPENAI_BASE_URL", default="https://api.openai.com/v1")
-DUCKE_TOOL_TIMEOUT_SECONDS = _read("DUCKE_TOOL_TIMEOUT_SECONDS", _float, 5.0)
-DUCKE_WEB_SEARCH_TIMEOUT_SECONDS = _read("DUCKE_WEB_SEARCH_TIMEOUT_SECONDS", _float, 25.0)
+DUCKE_GEOCODING_URL = env.str("DUCKE_GEOCODING_URL", default=_ducke_default("GEOCODING_URL"))
+DUCKE_WEATHER_URL = env.str("DUCKE_WEATHER_URL", default=_ducke_default("WEATHER_URL"))
+DUCKE_OPENAI_BASE_URL = env.str("DUCKE_OPENAI_BASE_URL", default=_ducke_default("OPENAI_BASE_URL"))
+DUCKE_TOOL_TIMEOUT_SECONDS = _read(
+    "DUCKE_TOOL_TIMEOUT_SECONDS", _float, _ducke_default("TOOL_TIMEOUT_SECONDS")
+)
+DUCKE_WEB_SEARCH_TIMEOUT_SECONDS = _read(
+    "DUCKE_WEB_SEARCH_TIMEOUT_SECONDS", _float, _ducke_default("WEB_SEARCH_TIMEOUT_SECONDS")
+)
 
 # /metrics access (ducke/metrics_access.py); empty = no restriction.
-DUCKE_METRICS_ALLOWED_CIDRS = env.str("DUCKE_METRICS_ALLOWED_CIDRS", default="").strip()
-DUCKE_METRICS_TOKEN = env.str("DUCKE_METRICS_TOKEN", default="").strip()
+DUCKE_METRICS_ALLOWED_CIDRS = env.str(
+    "DUCKE_METRICS_ALLOWED_CIDRS", default=_ducke_default("METRICS_ALLOWED_CIDRS")
+).strip()
+DUCKE_METRICS_TOKEN = env.str(
+    "DUCKE_METRICS_TOKEN", default=_ducke_default("METRICS_TOKEN")
+).strip()
 
 # Operator alerts (quotas/alerts.py).
 QUOTAS_ALERT_EMAILS = _read("QUOTAS_ALERT_EMAILS", env.list, [])

@@ -36,7 +36,7 @@ async def test_unreachable_upstream_closes_with_1011(daphne_server_factory):
 def test_other_codes_keep_autobahns_validation():
     from daphne.ws_protocol import WebSocketProtocol
 
-    from ducke.close_codes import allow_server_close_codes
+    from ducke.server_workarounds import allow_server_close_codes
 
     allow_server_close_codes()
     protocol = WebSocketProtocol.__new__(WebSocketProtocol)

@@ -1,19 +1,18 @@
 """What every server-side tool shares: outcomes, failures, settings and bounded HTTP.
 
-Settings (read with ``getattr`` on every call, so ``override_settings`` works):
-
-DUCKE_TOOL_TIMEOUT_SECONDS        float, default 5: total time for one weather tool call
-                                  (geocoding and forecast together, connect and read).
-DUCKE_WEB_SEARCH_TIMEOUT_SECONDS  float, default 25: total time for one web search; a search
-                                  model that browses needs longer than a weather lookup.
-DUCKE_GEOCODING_URL, DUCKE_WEATHER_URL, DUCKE_OPENAI_BASE_URL: see weather.py, web_search.py.
+Settings (``ducke.conf``, read on every call, so ``override_settings`` works):
+DUCKE_TOOL_TIMEOUT_SECONDS bounds one weather tool call (geocoding and forecast together,
+connect and read); DUCKE_WEB_SEARCH_TIMEOUT_SECONDS one web search (a search model that
+browses needs longer than a weather lookup); DUCKE_GEOCODING_URL, DUCKE_WEATHER_URL,
+DUCKE_OPENAI_BASE_URL: see weather.py, web_search.py.
 """
 
 import json
 from dataclasses import dataclass
 
 import httpx
-from django.conf import settings
+
+from ducke.conf import default, ducke_settings
 
 # An upstream answer larger than this is not a weather report or a search answer.
 MAX_RESPONSE_BYTES = 1024 * 1024
@@ -66,20 +65,19 @@ def error_outcome(status, error, message, **extra):
     return ToolOutcome(output=to_json({"error": error, "message": message, **extra}), status=status)
 
 
-def setting_seconds(name, default):
-    """A positive number of seconds from settings, or ``default`` when unset or unusable."""
-    value = getattr(settings, name, default)
+def setting_seconds(name):
+    """A positive number of seconds from ``DUCKE_<name>``, its default when unusable."""
     try:
-        seconds = float(value)
+        seconds = float(getattr(ducke_settings, name))
     except (TypeError, ValueError):
-        return float(default)
-    return seconds if seconds > 0 else float(default)
+        return float(default(name))
+    return seconds if seconds > 0 else float(default(name))
 
 
-def setting_url(name, default):
-    """A base URL from settings without its trailing slash; ``default`` when empty."""
-    value = str(getattr(settings, name, "") or "").strip()
-    return (value or default).rstrip("/")
+def setting_url(name):
+    """The base URL of ``DUCKE_<name>`` without its trailing slash; its default when empty."""
+    value = str(getattr(ducke_settings, name) or "").strip()
+    return (value or default(name)).rstrip("/")
 
 
 def http_client(timeout):

@@ -1,7 +1,6 @@
 """Current weather and forecasts from Open-Meteo (no API key).
 
-DUCKE_GEOCODING_URL  base URL of the geocoding API, default https://geocoding-api.open-meteo.com
-DUCKE_WEATHER_URL    base URL of the forecast API, default https://api.open-meteo.com
+DUCKE_GEOCODING_URL and DUCKE_WEATHER_URL (``ducke.conf``) are the base URLs of the two APIs.
 A place is resolved with ``/v1/search``, then its weather read with ``/v1/forecast``; both
 requests share the ``DUCKE_TOOL_TIMEOUT_SECONDS`` deadline.
 """
@@ -18,8 +17,6 @@ from .common import (
     timeout_failure,
 )
 
-DEFAULT_GEOCODING_URL = "https://geocoding-api.open-meteo.com"
-DEFAULT_WEATHER_URL = "https://api.open-meteo.com"
 SERVICE = "weather service"
 MAX_LOCATION_CHARS = 100
 DEFAULT_FORECAST_DAYS = 3
@@ -164,7 +161,7 @@ async def weather_forecast(location, days, units):
 
 
 async def _lookup(location, units, *, days, shape):
-    timeout = setting_seconds("DUCKE_TOOL_TIMEOUT_SECONDS", 5.0)
+    timeout = setting_seconds("TOOL_TIMEOUT_SECONDS")
     try:
         async with asyncio.timeout(timeout), http_client(timeout) as client:
             place = await _find_place(client, location)
@@ -197,7 +194,7 @@ async def _find_place(client, location):
         "language": "en",
         "format": "json",
     }
-    url = setting_url("DUCKE_GEOCODING_URL", DEFAULT_GEOCODING_URL) + "/v1/search"
+    url = setting_url("GEOCODING_URL") + "/v1/search"
     body = await fetch_json(client, "GET", url, params=params, service=SERVICE)
     if not isinstance(body, dict):
         raise ToolFailure(
@@ -247,7 +244,7 @@ async def _forecast(client, place, units, days):
         "forecast_days": days,
         **_QUERY_UNITS[units],
     }
-    url = setting_url("DUCKE_WEATHER_URL", DEFAULT_WEATHER_URL) + "/v1/forecast"
+    url = setting_url("WEATHER_URL") + "/v1/forecast"
     body = await fetch_json(client, "GET", url, params=params, service=SERVICE)
     if not isinstance(body, dict):
         raise TypeError("forecast is not an object")

@@ -15,6 +15,8 @@ import asyncio
 
 from django.conf import settings
 
+from ducke.conf import ducke_settings
+
 from .arguments import parse_object, required_text
 from .common import (
     ToolFailure,
@@ -26,7 +28,6 @@ from .common import (
     timeout_failure,
 )
 
-DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 SEARCH_MODEL = "gpt-5-mini"
 TOOL_NAME = "web_search"  # the ToolPrice row of its per-call fee
 CALL = "web_search_call"  # a Responses API output item: one billed search
@@ -70,7 +71,7 @@ def validate(arguments):
 def configured():
     """Whether a search can be sent: a key, or a base-URL override (a local gateway)."""
     key = str(getattr(settings, "OPENAI_API_KEY", "") or "").strip()
-    override = str(getattr(settings, "DUCKE_OPENAI_BASE_URL", "") or "").strip()
+    override = str(ducke_settings.OPENAI_BASE_URL or "").strip()
     return bool(key or override)
 
 
@@ -84,14 +85,14 @@ async def web_search(query):
         )
     key = str(getattr(settings, "OPENAI_API_KEY", "") or "").strip()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    url = setting_url("DUCKE_OPENAI_BASE_URL", DEFAULT_OPENAI_BASE_URL) + "/responses"
+    url = setting_url("OPENAI_BASE_URL") + "/responses"
     body = {
         "model": SEARCH_MODEL,
         "tools": [{"type": "web_search"}],
         "input": f"{query}\n\n{INSTRUCTION}",
         "store": False,
     }
-    timeout = setting_seconds("DUCKE_WEB_SEARCH_TIMEOUT_SECONDS", 25.0)
+    timeout = setting_seconds("WEB_SEARCH_TIMEOUT_SECONDS")
     try:
         async with asyncio.timeout(timeout), http_client(timeout) as client:
             reply = await fetch_json(

@@ -1,0 +1,171 @@
+"""Where DUCK-E reaches into its server's internals: daphne, Twisted, autobahn and Channels.
+
+Written against the versions pinned in requirements.txt: daphne 4.2.3 and channels 4.3.2,
+with the Twisted 26.10.0 and autobahn 26.11.1 that daphne 4.2.3 resolves to (they are not
+pinned themselves). Each workaround says what it relies on; on another server (uvicorn) or
+without daphne each one is a no-op. Re-check them when one of these versions moves:
+
+- ``allow_server_close_codes``: autobahn's ``sendClose`` refuses the RFC 6455 server codes
+  DUCK-E's contract uses (1009, 1011, 1012, 1013).
+- ``send_backlog``: ASGI has no backpressure; the bytes daphne's Twisted transport still holds
+  for a browser, read from ``Server.handle_reply``'s partial and ``FileDescriptor`` fields.
+- ``ServerShutdown``: daphne's SIGTERM path cancels applications and resumes after the first
+  one ends, and its own shutdown step can fail before cancelling anything; a reactor
+  "before shutdown" trigger and a shared wait end every session properly.
+- ``DirectReceiveMixin``: Channels closes stale database connections on the database thread
+  before every message; audio frames need no database and skip that hop.
+
+The fifth one, the channel-layer receive that survives a Redis outage, is
+``quotas.consumers.QuotaConsumerMixin.channel_receive``: it lives in the reusable app, which
+cannot import ``ducke``.
+"""
+
+import asyncio
+import functools
+import logging
+import sys
+import weakref
+
+logger = logging.getLogger("ducke.session")
+
+# RFC 6455 codes a server endpoint may send that autobahn's sendClose refuses.
+SERVER_CLOSE_CODES = frozenset({1001, 1008, 1009, 1011, 1012, 1013})
+
+
+def allow_server_close_codes():
+    """Let daphne send the server close codes DUCK-E's contract uses; a no-op without daphne.
+
+    autobahn's ``sendClose`` only accepts 1000 and 3000-4999, the codes an *application* may
+    pick, and raises for 1009 ("message too big") or 1011 ("unexpected condition") although
+    RFC 6455 lets a server endpoint send them. daphne's ``WebSocketProtocol.serverClose``
+    passes an ASGI ``websocket.close`` code straight to ``sendClose``, so a consumer closing
+    with 1011 makes autobahn raise and the browser sees whatever daphne's error path sends.
+    This routes just these codes through autobahn's own ``sendCloseFrame`` (what
+    ``sendClose`` calls once its check passes); every other code keeps autobahn's validation.
+    """
+    try:
+        from daphne.ws_protocol import WebSocketProtocol
+    except ImportError:
+        return
+    if getattr(WebSocketProtocol.serverClose, "allows_server_codes", False):
+        return
+    original = WebSocketProtocol.serverClose
+
+    def server_close(self, code=None):
+        if code in SERVER_CLOSE_CODES:
+            self.sendCloseFrame(code=code, isReply=False)
+        else:
+            original(self, code)
+
+    server_close.allows_server_codes = True
+    WebSocketProtocol.serverClose = server_close
+
+
+def send_backlog(send):
+    """Bytes the server holds for the browser that its socket has not taken yet.
+
+    ASGI gives no backpressure: daphne writes every message into Twisted's transport, which
+    buffers whatever a client does not read. Under daphne, ``send`` is
+    ``partial(server.handle_reply, protocol)``, possibly wrapped by Channels' session
+    middleware (``AuthMiddlewareStack``: a bound ``send`` whose instance keeps ``real_send``);
+    the transport's ``dataBuffer``, ``offset`` and ``_tempDataLen`` (Twisted's
+    ``FileDescriptor``) hold the unwritten bytes. Elsewhere this returns 0 (unknown).
+    """
+    for _ in range(8):  # unwrap middleware sends down to daphne's own
+        if isinstance(send, functools.partial):
+            break
+        inner = getattr(getattr(send, "__self__", None), "real_send", None)
+        if inner is None:
+            break
+        send = inner
+    protocol = send.args[0] if isinstance(send, functools.partial) and send.args else None
+    transport = getattr(protocol, "transport", None)
+    try:
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    except (AttributeError, TypeError):
+        return 0
+
+
+class ServerShutdown:
+    """The sessions of this process, and the tasks ending them for a server shutdown.
+
+    daphne (``Server.kill_all_applications``) cancels every application on SIGTERM and
+    resumes its shutdown as soon as the FIRST of them finishes (``asyncio.gather``); a
+    session that is cancelled calls ``begin`` and then waits in ``ended`` for every other
+    session's ending too. That step also fails with a KeyError as soon as one connection has
+    no application instance left (an HTTP keep-alive connection whose response is done): then
+    nothing would be cancelled and the event loop would stop under the sessions. The reactor
+    "before shutdown" trigger of ``install_reactor_trigger`` is waited for by Twisted whatever
+    happens to daphne's.
+    """
+
+    def __init__(self, end_session):
+        """``end_session(session)`` is the coroutine function ending one session properly."""
+        self._end_session = end_session
+        self._live = weakref.WeakSet()
+        self._endings = {}  # session -> its ending task (kept while it runs)
+        self._tasks = set()
+        self._trigger = None
+
+    def add(self, session):
+        self._live.add(session)
+
+    def discard(self, session):
+        """The session is gone (its ending, if any, is over)."""
+        self._live.discard(session)
+        self._endings.pop(session, None)
+
+    def begin(self, session):
+        """Start ending ``session`` for a shutdown (once); returns the task."""
+        task = self._endings.get(session)
+        if task is None:
+            task = asyncio.ensure_future(self._end_session(session))
+            self._endings[session] = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def ended(self):
+        """Wait until every session ending for a shutdown has booked its usage and closed."""
+        while self._tasks:
+            await asyncio.shield(asyncio.wait(set(self._tasks)))
+
+    async def end_all(self):
+        """End every session of this process (usage booked, ledger closed)."""
+        sessions = list(self._live)
+        if sessions:
+            logger.info("server shutdown: ending %d sessions", len(sessions))
+        for session in sessions:
+            self.begin(session)
+        await self.ended()
+
+    def install_reactor_trigger(self):
+        """Under daphne (a running Twisted reactor), run ``end_all`` before it shuts down."""
+        if self._trigger is not None:
+            return
+        reactor = sys.modules.get("twisted.internet.reactor")
+        if reactor is None or not getattr(reactor, "running", False):
+            return
+        from twisted.internet import defer
+
+        def before_shutdown():
+            return defer.Deferred.fromFuture(asyncio.ensure_future(self.end_all()))
+
+        self._trigger = reactor.addSystemEventTrigger("before", "shutdown", before_shutdown)
+
+
+class DirectReceiveMixin:
+    """Hand ``websocket.receive`` messages to the consumer without Channels' database hop.
+
+    Channels' ``AsyncConsumer.dispatch`` awaits ``aclose_old_connections()`` (a hop to the
+    database thread) before every message. Audio frames arrive 10-50 times a second per
+    session and would queue behind ledger writes on that one thread; ``receive()`` uses no
+    database (the meter's ``database_sync_to_async`` calls close stale connections
+    themselves), so frames skip the hop. Put it before the Channels consumer class.
+    """
+
+    async def dispatch(self, message):
+        if message["type"] == "websocket.receive":
+            await self.websocket_receive(message)
+        else:
+            await super().dispatch(message)
