@@ -12,8 +12,8 @@ import threading
 from urllib.parse import parse_qs
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from django.conf import settings
 
+from ducke.conf import ducke_settings
 from ducke.realtime.simulator import FAULTS, RealtimeSimulator, SimulatorRecorder
 
 
@@ -31,7 +31,7 @@ class LoggedRecorder(SimulatorRecorder):
         super().__init__(**kwargs)
 
     def _log(self, line):
-        path = getattr(settings, "DUCKE_SIMULATOR_LOG", "")
+        path = ducke_settings.SIMULATOR_LOG
         if not path:
             return
         text = json.dumps(line, default=repr) + "\n"
@@ -81,10 +81,10 @@ class SimulatorConsumer(AsyncJsonWebsocketConsumer):
             self.send_json,
             model=model,
             recorder=recorder,
-            pace=float(getattr(settings, "DUCKE_SIMULATOR_PACE", 1.0)),
+            pace=float(ducke_settings.SIMULATOR_PACE),
             fault=fault,
             disconnect=self.close_with,
-            stamp=bool(getattr(settings, "DUCKE_SIMULATOR_STAMP", False)),
+            stamp=bool(ducke_settings.SIMULATOR_STAMP),
         )
         await self.simulator.start()
 
