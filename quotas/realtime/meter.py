@@ -19,10 +19,7 @@ is written before the counters change, so a Redis outage loses nothing: the coun
 rebuilt from it later.
 
 Each hold (with its provisional row), settlement and booking is ONE worker-thread call
-(``database_sync_to_async``) holding the ledger write and the counters' decision (the sync
-Redis path: one round trip); the decision is observed (gauges, alerts, the breaker's
-broadcast) back on the event loop. A session keeps its ``CapSet`` between decisions while
-its policy, its calendar periods and the minute are the same.
+(``quotas.ledger_hop``: its connections checked at most once a second) holding the ledger
 
 Close codes and events are ``quotas.protocol``'s. Passing the hourly cap does not end a
 running session by itself; its next reservation is refused.
@@ -36,11 +33,11 @@ from dataclasses import dataclass, field
 from dataclasses import replace as _replace
 from decimal import Decimal
 
-from channels.db import database_sync_to_async
 from django.db import IntegrityError, connection, transaction
 
 from ..breaker import broadcast_breaker_open
 from ..caps import SESSION, Identity
+from ..ledger_hop import ledger_hop
 from ..metrics import (
     active_sessions_total,
     api_cost_total_usd,
@@ -378,7 +375,7 @@ class SessionMeter:
         self._caps = (self.budget, self.limits, self.session_id, now, until, caps, self.identity)
         return caps
 
-    @database_sync_to_async
+    @ledger_hop
     def _create_session(self, started_at):
         from ..models import QuotaSession
 
@@ -398,7 +395,7 @@ class SessionMeter:
         if self.session_id is not None and not self.closed:
             await self._heartbeat(timestamp_to_datetime(self.timer()))
 
-    @database_sync_to_async
+    @ledger_hop
     def _heartbeat(self, at):
         from ..models import QuotaSession
 
@@ -417,9 +414,7 @@ class SessionMeter:
             end_reason = QuotaSession.EndReason.ERROR
         self.closed = True
         ended = self.timer()
-        await database_sync_to_async(end_session)(
-            self.session_id, timestamp_to_datetime(ended), end_reason
-        )
+        await ledger_hop(end_session)(self.session_id, timestamp_to_datetime(ended), end_reason)
         self.counters.forget_session(self.session_id)
         active_sessions_total.dec()
         session_duration_seconds.labels(status=end_reason).observe(max(0.0, ended - self.started))
@@ -566,7 +561,7 @@ class SessionMeter:
             reservation.record_id = written
         return Admission(True, state=state)
 
-    @database_sync_to_async
+    @ledger_hop
     def _reserve_and_book(self, reservation, caps, at):
         """The hold on every cap, then (held) its provisional row, in one worker-thread call:
         (the unobserved decision, the row's id or the exception that kept it unwritten)."""
@@ -624,7 +619,7 @@ class SessionMeter:
             self.caps(at), reservation.member, self.budget, at=at
         )
 
-    @database_sync_to_async
+    @ledger_hop
     def _book_provisional(self, reservation, at):
         """Write a hold's provisional row (its id) when the reservation could not."""
         return self._write_provisional(reservation, at)
@@ -664,7 +659,7 @@ class SessionMeter:
             _add_to_session_totals(self.session_id, reservation.cost, tokens)
         return record.pk
 
-    @database_sync_to_async
+    @ledger_hop
     def _drop_provisional(self, reservation):
         from ..models import UsageRecord
 
@@ -676,7 +671,7 @@ class SessionMeter:
                 tokens = {kind: -count for kind, count in reservation.counts.as_dict().items()}
                 _add_to_session_totals(self.session_id, -reservation.cost, tokens)
 
-    @database_sync_to_async
+    @ledger_hop
     def _settle_provisional(self, reservation, reference, counts_of, at):
         """Replace the provisional record by the exact usage, in place, then settle the
         counters (idempotent: a replay changes neither and answers None)."""
@@ -787,7 +782,7 @@ class SessionMeter:
         )
         return outcome
 
-    @database_sync_to_async
+    @ledger_hop
     def _book(self, kind, reference, model, counts_of, at, per_call=0):
         """Book plainly, then (booked, not a replay) charge the counters, in one
         worker-thread call; the decision is observed by the caller."""
