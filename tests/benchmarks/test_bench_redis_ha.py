@@ -104,6 +104,25 @@ def clients_on_one_node(url, prefix):
     return [i for i in range(3000) if node_of(i) == first][:1000]
 
 
+def ping(url, node=None):
+    """A bare PING round trip: to the single server, or to one cluster node (``node``: the
+    node of client 0's limiter keys), through redis-py. What the server side costs alone."""
+    link = SharedRedis(url)
+    if node is None:
+        client = link.client
+    else:
+        windows = RedisWindows(link, prefix=node)
+        key = windows.arguments(our_limits(0), 0.0)[0][0]
+        client = link.client.nodes_manager.get_node_from_slot(
+            key_slot(key.encode())
+        ).redis_connection
+
+    def call(i):
+        return client.ping()
+
+    return call
+
+
 def reservation(url, prefix):
     counters = SpendCounters(SharedRedis(url), prefix=prefix, ledger=False)
     caps = [
@@ -134,6 +153,8 @@ def test_cluster_against_single_redis(single_and_cluster, bench_report):
             ONE_NODE: decision(cluster, prefix, clients_on_one_node(cluster, prefix)),
             "reservation, 6 caps, single Redis": reservation(single, prefix),
             "reservation, 6 caps, 3-master cluster": reservation(cluster, prefix),
+            "PING, single Redis": ping(single),
+            "PING, a cluster node": ping(cluster, prefix),
         }
     )
     decisions = (
@@ -145,10 +166,12 @@ def test_cluster_against_single_redis(single_and_cluster, bench_report):
         / figures["reservation, 6 caps, single Redis"][0]
     )
     one_node = figures[ONE_NODE][0] / figures["decision, 3 rules, single Redis"][0]
+    pings = figures["PING, a cluster node"][0] / figures["PING, single Redis"][0]
     ratios = [
         ("decision p50: cluster / single", decisions, TARGET),
         ("decision p50: cluster, clients of one node / single", one_node, "(info)"),
         ("reservation p50: cluster / single", reservations, TARGET),
+        ("PING p50: a cluster node / single (the servers alone)", pings, "(info)"),
     ]
     print_table(
         f"Redis Cluster against one Redis ({ROUNDS * PER_ROUND} calls each, interleaved)",
