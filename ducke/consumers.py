@@ -40,7 +40,12 @@ from ducke.realtime import client_events
 from ducke.realtime.persona import TRANSCRIPTION_MODEL, session_update
 from ducke.realtime.upstream import open_upstream, read_audio_delta
 from ducke.response_lifecycle import ResponseLifecycle
-from ducke.server_workarounds import DirectReceiveMixin, ServerShutdown, send_backlog
+from ducke.server_workarounds import (
+    DirectDispatchMixin,
+    DirectReceiveMixin,
+    ServerShutdown,
+    send_backlog,
+)
 from ducke.tools import TOOL_SCHEMAS, run_tool
 from quotas.caps import Identity
 from quotas.consumers import QuotaConsumerMixin
@@ -104,7 +109,9 @@ async def _end_for_shutdown(session):
 server_shutdown = ServerShutdown(_end_for_shutdown)
 
 
-class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketConsumer):
+class SessionConsumer(
+    DirectDispatchMixin, DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketConsumer
+):
     """Relays one browser voice session to the Realtime upstream and meters it."""
 
     async def __call__(self, scope, receive, send):
