@@ -44,7 +44,8 @@ from ducke.server_workarounds import (
     DirectDispatchMixin,
     DirectReceiveMixin,
     ServerShutdown,
-    send_backlog,
+    backlog_reader,
+    send_backlog,  # noqa: F401  (re-exported: its callers import it from here)
 )
 from ducke.tools import TOOL_SCHEMAS, run_tool
 from quotas.caps import Identity
@@ -138,6 +139,8 @@ class SessionConsumer(
         self.identity = quotas.get("identity") or Identity(client=self.client)
         self.model = ducke_settings.REALTIME_MODEL
         self.max_backlog = int(ducke_settings.MAX_SEND_BACKLOG_BYTES)
+        self.backlog = backlog_reader(self.base_send)
+        self.max_frame_bytes = int(ducke_settings.MAX_FRAME_BYTES)
         self.upstream = None
         self.meter = None
         self.tasks = set()
@@ -239,7 +242,7 @@ class SessionConsumer(
         if bytes_data is not None:
             await self.send_event(error_event("binary_not_supported", "Send JSON text frames."))
             return
-        if len(text_data) > int(ducke_settings.MAX_FRAME_BYTES):
+        if len(text_data) > self.max_frame_bytes:
             await self.close_with(
                 CLOSE_FRAME_TOO_LARGE,
                 error_event("frame_too_large", "That message is too large."),
@@ -384,7 +387,7 @@ class SessionConsumer(
         """Relay one upstream frame as it came, unless the browser stopped reading."""
         if self.lifecycle.closing:
             return
-        if send_backlog(self.base_send) > self.max_backlog:
+        if self.backlog() > self.max_backlog:
             await self._end_for_slow_client()
         else:
             await self.send(text_data=raw)
@@ -394,7 +397,7 @@ class SessionConsumer(
         drained and booked) instead of buffering its audio without bound."""
         logger.warning(
             "closing a session whose browser does not read (%d bytes waiting)",
-            send_backlog(self.base_send),
+            self.backlog(),
         )
         await self.close_with(
             CLOSE_TRY_AGAIN_LATER,

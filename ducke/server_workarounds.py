@@ -79,6 +79,12 @@ def send_backlog(send):
     the transport's ``dataBuffer``, ``offset`` and ``_tempDataLen`` (Twisted's
     ``FileDescriptor``) hold the unwritten bytes. Elsewhere this returns 0 (unknown).
     """
+    return backlog_reader(send)()
+
+
+def backlog_reader(send):
+    """A function of no arguments returning ``send_backlog(send)``: the middleware wrappers
+    are seen through once, not at every relayed frame."""
     for _ in range(8):  # unwrap middleware sends down to daphne's own
         if isinstance(send, functools.partial):
             break
@@ -87,11 +93,15 @@ def send_backlog(send):
             break
         send = inner
     protocol = send.args[0] if isinstance(send, functools.partial) and send.args else None
-    transport = getattr(protocol, "transport", None)
-    try:
-        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-    except (AttributeError, TypeError):
-        return 0
+
+    def backlog():
+        transport = getattr(protocol, "transport", None)
+        try:
+            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+        except (AttributeError, TypeError):
+            return 0
+
+    return backlog
 
 
 class ServerShutdown:
