@@ -68,11 +68,11 @@ BOOKING_RETRY_SECONDS = 1.0
 
 # What browsers (JSON.stringify) and Python (json.dumps) send for an audio chunk. A frame of
 # exactly this shape whose audio is base64 needs no parsing: ``sanitize`` would return it as is.
+_AUDIO_APPEND_UPSTREAM = '{"type": "input_audio_buffer.append", "audio": "%s"}'
 _AUDIO_APPEND_PREFIXES = (
     '{"type":"input_audio_buffer.append","audio":"',
-    '{"type": "input_audio_buffer.append", "audio": "',
+    _AUDIO_APPEND_UPSTREAM[: _AUDIO_APPEND_UPSTREAM.index("%s")],
 )
-_AUDIO_APPEND_UPSTREAM = '{"type": "input_audio_buffer.append", "audio": "%s"}'
 _BASE64_CHARS = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
@@ -81,15 +81,35 @@ def error_event(code, message, error_type="invalid_request_error"):
     return {"type": "error", "error": {"type": error_type, "code": code, "message": message}}
 
 
-def plain_audio_append(text):
-    """The audio of a bare, valid ``input_audio_buffer.append`` frame read unparsed, else None."""
+def _plain_audio_span(text):
+    """``(prefix, start, end)``: where the audio of a bare, valid ``input_audio_buffer.append``
+    frame is, read unparsed; None for any other frame."""
     for prefix in _AUDIO_APPEND_PREFIXES:
         if text.startswith(prefix) and text.endswith('"}'):
-            audio = text[len(prefix) : -2]
-            if audio and not len(audio) % 4 and _BASE64_CHARS.fullmatch(audio):
-                return audio
+            start, end = len(prefix), len(text) - 2
+            if end > start and not (end - start) % 4 and _BASE64_CHARS.fullmatch(text, start, end):
+                return prefix, start, end
             return None
     return None
+
+
+def plain_audio_append(text):
+    """The audio of a bare, valid ``input_audio_buffer.append`` frame read unparsed, else None."""
+    span = _plain_audio_span(text)
+    return None if span is None else text[span[1] : span[2]]
+
+
+def upstream_audio_append(text):
+    """``(pcm16 bytes, frame for upstream)`` of a bare, valid ``input_audio_buffer.append``
+    frame read unparsed, else None. The frame for upstream is what json.dumps writes for the
+    sanitized event: the browser's own text when it came in that form already."""
+    span = _plain_audio_span(text)
+    if span is None:
+        return None
+    prefix, start, end = span
+    if prefix is not _AUDIO_APPEND_PREFIXES[-1]:
+        text = _AUDIO_APPEND_UPSTREAM % text[start:end]
+    return base64_bytes(end - start), text
 
 
 def base64_bytes(chars):
@@ -249,14 +269,14 @@ class SessionConsumer(
                 end_reason="error",
             )
             return
-        audio = plain_audio_append(text_data)
+        audio = upstream_audio_append(text_data)
         if audio is not None:
             # The common frame, checked without a JSON round trip; forwarded byte for byte as
             # json.dumps would have written the sanitized event.
             if self.upstream is None or self.lifecycle.closing:
                 return
-            self.meter.note_input_audio(audio_bytes(audio))
-            await self._send_upstream(_AUDIO_APPEND_UPSTREAM % audio)
+            self.meter.note_input_audio(audio[0])
+            await self._send_upstream(audio[1])
             return
         try:
             event = client_events.sanitize(json.loads(text_data))
