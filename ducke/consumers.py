@@ -30,7 +30,6 @@ The quotas app guards the connection before this consumer runs
 import asyncio
 import json
 import logging
-import re
 import time
 
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -38,7 +37,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from ducke.conf import ducke_settings
 from ducke.realtime import client_events
 from ducke.realtime.persona import TRANSCRIPTION_MODEL, session_update
-from ducke.realtime.upstream import open_upstream, read_audio_delta
+from ducke.realtime.upstream import is_base64_alphabet, open_upstream, read_audio_delta
 from ducke.response_lifecycle import ResponseLifecycle
 from ducke.server_workarounds import (
     DirectDispatchMixin,
@@ -73,7 +72,6 @@ _AUDIO_APPEND_PREFIXES = (
     '{"type":"input_audio_buffer.append","audio":"',
     _AUDIO_APPEND_UPSTREAM[: _AUDIO_APPEND_UPSTREAM.index("%s")],
 )
-_BASE64_CHARS = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
 def error_event(code, message, error_type="invalid_request_error"):
@@ -87,10 +85,20 @@ def _plain_audio_span(text):
     for prefix in _AUDIO_APPEND_PREFIXES:
         if text.startswith(prefix) and text.endswith('"}'):
             start, end = len(prefix), len(text) - 2
-            if end > start and not (end - start) % 4 and _BASE64_CHARS.fullmatch(text, start, end):
+            if end > start and not (end - start) % 4 and _padded_base64(text, start, end):
                 return prefix, start, end
             return None
     return None
+
+
+def _padded_base64(text, start, end):
+    """Whether ``text[start:end]`` is base64 characters then at most two ``=`` (what the
+    regex ``[A-Za-z0-9+/]*={0,2}`` matches), checked in C (``is_base64_alphabet``)."""
+    if not text.isascii():
+        return False
+    audio = text.encode("ascii")[start:end]
+    core = audio.rstrip(b"=")
+    return len(audio) - len(core) <= 2 and b"=" not in core and is_base64_alphabet(core)
 
 
 def plain_audio_append(text):

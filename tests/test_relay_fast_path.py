@@ -74,3 +74,14 @@ def test_the_frame_sent_upstream_is_the_sanitizing_paths(prefix, body, suffix):
         nbytes, upstream = fast
         assert upstream == slow_path(text)
         assert nbytes == len(base64.b64decode(audio)) + audio.count("=")
+
+
+@given(st.text(alphabet="AZaz09+/=é\n", max_size=16))
+def test_the_base64_check_is_the_regexs(audio):
+    import re
+
+    from ducke.consumers import _padded_base64
+
+    text = f"<{audio}>"
+    expected = re.fullmatch(r"[A-Za-z0-9+/]*={0,2}", audio) is not None and bool(audio.rstrip("="))
+    assert _padded_base64(text, 1, len(text) - 1) == expected
