@@ -3,7 +3,9 @@
 Written against the versions pinned in requirements.txt: daphne 4.2.3 and channels 4.3.2,
 with the Twisted 26.10.0 and autobahn 26.11.1 that daphne 4.2.3 resolves to (they are not
 pinned themselves). Each workaround says what it relies on; on another server (uvicorn) or
-without daphne each one is a no-op. Re-check them when one of these versions moves:
+without daphne the daphne/Twisted/autobahn ones are no-ops, and the Channels ones
+(``DirectReceiveMixin``, ``DirectDispatchMixin``) work the same under any ASGI server.
+Re-check them when one of these versions moves:
 
 - ``allow_server_close_codes``: autobahn's ``sendClose`` refuses the RFC 6455 server codes
   DUCK-E's contract uses (1009, 1011, 1012, 1013).
@@ -16,9 +18,10 @@ without daphne each one is a no-op. Re-check them when one of these versions mov
   before every message; audio frames need no database and skip that hop.
 - ``DirectDispatchMixin``: Channels' ``await_many_dispatch`` creates a task and an
   ``asyncio.wait`` per message; the consumer awaits the browser's frames in its own task, and
-  its send skips the session middleware's wrapper, a pass-through for WebSocket messages.
+  its send skips the session middleware's wrapper, a pass-through for WebSocket messages
+  (``direct_send``).
 
-The fifth one, the channel-layer receive that survives a Redis outage, is
+One more, the channel-layer receive that survives a Redis outage, is
 ``quotas.consumers.QuotaConsumerMixin.channel_receive``: it lives in the reusable app, which
 cannot import ``ducke``.
 """
