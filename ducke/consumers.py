@@ -30,7 +30,6 @@ The quotas app guards the connection before this consumer runs
 import asyncio
 import json
 import logging
-import re
 import time
 
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -38,9 +37,14 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from ducke.conf import ducke_settings
 from ducke.realtime import client_events
 from ducke.realtime.persona import TRANSCRIPTION_MODEL, session_update
-from ducke.realtime.upstream import open_upstream, read_audio_delta
+from ducke.realtime.upstream import is_base64_alphabet, open_upstream, read_audio_delta
 from ducke.response_lifecycle import ResponseLifecycle
-from ducke.server_workarounds import DirectReceiveMixin, ServerShutdown, send_backlog
+from ducke.server_workarounds import (
+    DirectReceiveMixin,
+    ServerShutdown,
+    backlog_reader,
+    send_backlog,  # noqa: F401  (re-exported: its callers import it from here)
+)
 from ducke.tools import TOOL_SCHEMAS, run_tool
 from quotas.caps import Identity
 from quotas.consumers import QuotaConsumerMixin
@@ -62,12 +66,11 @@ BOOKING_RETRY_SECONDS = 1.0
 
 # What browsers (JSON.stringify) and Python (json.dumps) send for an audio chunk. A frame of
 # exactly this shape whose audio is base64 needs no parsing: ``sanitize`` would return it as is.
+_AUDIO_APPEND_UPSTREAM = '{"type": "input_audio_buffer.append", "audio": "%s"}'
 _AUDIO_APPEND_PREFIXES = (
     '{"type":"input_audio_buffer.append","audio":"',
-    '{"type": "input_audio_buffer.append", "audio": "',
+    _AUDIO_APPEND_UPSTREAM[: _AUDIO_APPEND_UPSTREAM.index("%s")],
 )
-_AUDIO_APPEND_UPSTREAM = '{"type": "input_audio_buffer.append", "audio": "%s"}'
-_BASE64_CHARS = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
 def error_event(code, message, error_type="invalid_request_error"):
@@ -75,15 +78,45 @@ def error_event(code, message, error_type="invalid_request_error"):
     return {"type": "error", "error": {"type": error_type, "code": code, "message": message}}
 
 
-def plain_audio_append(text):
-    """The audio of a bare, valid ``input_audio_buffer.append`` frame read unparsed, else None."""
+def _plain_audio_span(text):
+    """``(prefix, start, end)``: where the audio of a bare, valid ``input_audio_buffer.append``
+    frame is, read unparsed; None for any other frame."""
     for prefix in _AUDIO_APPEND_PREFIXES:
         if text.startswith(prefix) and text.endswith('"}'):
-            audio = text[len(prefix) : -2]
-            if audio and not len(audio) % 4 and _BASE64_CHARS.fullmatch(audio):
-                return audio
+            start, end = len(prefix), len(text) - 2
+            if end > start and not (end - start) % 4 and _padded_base64(text, start, end):
+                return prefix, start, end
             return None
     return None
+
+
+def _padded_base64(text, start, end):
+    """Whether ``text[start:end]`` is base64 characters then at most two ``=`` (what the
+    regex ``[A-Za-z0-9+/]*={0,2}`` matches), checked in C (``is_base64_alphabet``)."""
+    if not text.isascii():
+        return False
+    audio = text.encode("ascii")[start:end]
+    core = audio.rstrip(b"=")
+    return len(audio) - len(core) <= 2 and b"=" not in core and is_base64_alphabet(core)
+
+
+def plain_audio_append(text):
+    """The audio of a bare, valid ``input_audio_buffer.append`` frame read unparsed, else None."""
+    span = _plain_audio_span(text)
+    return None if span is None else text[span[1] : span[2]]
+
+
+def upstream_audio_append(text):
+    """``(pcm16 bytes, frame for upstream)`` of a bare, valid ``input_audio_buffer.append``
+    frame read unparsed, else None. The frame for upstream is what json.dumps writes for the
+    sanitized event: the browser's own text when it came in that form already."""
+    span = _plain_audio_span(text)
+    if span is None:
+        return None
+    prefix, start, end = span
+    if prefix is not _AUDIO_APPEND_PREFIXES[-1]:
+        text = _AUDIO_APPEND_UPSTREAM % text[start:end]
+    return base64_bytes(end - start), text
 
 
 def base64_bytes(chars):
@@ -131,6 +164,8 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
         self.identity = quotas.get("identity") or Identity(client=self.client)
         self.model = ducke_settings.REALTIME_MODEL
         self.max_backlog = int(ducke_settings.MAX_SEND_BACKLOG_BYTES)
+        self.backlog = backlog_reader(self.base_send)
+        self.max_frame_bytes = int(ducke_settings.MAX_FRAME_BYTES)
         self.upstream = None
         self.meter = None
         self.tasks = set()
@@ -232,21 +267,21 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
         if bytes_data is not None:
             await self.send_event(error_event("binary_not_supported", "Send JSON text frames."))
             return
-        if len(text_data) > int(ducke_settings.MAX_FRAME_BYTES):
+        if len(text_data) > self.max_frame_bytes:
             await self.close_with(
                 CLOSE_FRAME_TOO_LARGE,
                 error_event("frame_too_large", "That message is too large."),
                 end_reason="error",
             )
             return
-        audio = plain_audio_append(text_data)
+        audio = upstream_audio_append(text_data)
         if audio is not None:
             # The common frame, checked without a JSON round trip; forwarded byte for byte as
             # json.dumps would have written the sanitized event.
             if self.upstream is None or self.lifecycle.closing:
                 return
-            self.meter.note_input_audio(audio_bytes(audio))
-            await self._send_upstream(_AUDIO_APPEND_UPSTREAM % audio)
+            self.meter.note_input_audio(audio[0])
+            await self._send_upstream(audio[1])
             return
         try:
             event = client_events.sanitize(json.loads(text_data))
@@ -377,7 +412,7 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
         """Relay one upstream frame as it came, unless the browser stopped reading."""
         if self.lifecycle.closing:
             return
-        if send_backlog(self.base_send) > self.max_backlog:
+        if self.backlog() > self.max_backlog:
             await self._end_for_slow_client()
         else:
             await self.send(text_data=raw)
@@ -387,7 +422,7 @@ class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketCons
         drained and booked) instead of buffering its audio without bound."""
         logger.warning(
             "closing a session whose browser does not read (%d bytes waiting)",
-            send_backlog(self.base_send),
+            self.backlog(),
         )
         await self.close_with(
             CLOSE_TRY_AGAIN_LATER,

@@ -3,7 +3,9 @@
 Written against the versions pinned in requirements.txt: daphne 4.2.3 and channels 4.3.2,
 with the Twisted 26.10.0 and autobahn 26.11.1 that daphne 4.2.3 resolves to (they are not
 pinned themselves). Each workaround says what it relies on; on another server (uvicorn) or
-without daphne each one is a no-op. Re-check them when one of these versions moves:
+without daphne the daphne/Twisted/autobahn ones are no-ops, and the Channels one
+(``DirectReceiveMixin``) works the same under any ASGI server.
+Re-check them when one of these versions moves:
 
 - ``allow_server_close_codes``: autobahn's ``sendClose`` refuses the RFC 6455 server codes
   DUCK-E's contract uses (1009, 1011, 1012, 1013).
@@ -15,7 +17,7 @@ without daphne each one is a no-op. Re-check them when one of these versions mov
 - ``DirectReceiveMixin``: Channels closes stale database connections on the database thread
   before every message; audio frames need no database and skip that hop.
 
-The fifth one, the channel-layer receive that survives a Redis outage, is
+One more, the channel-layer receive that survives a Redis outage, is
 ``quotas.consumers.QuotaConsumerMixin.channel_receive``: it lives in the reusable app, which
 cannot import ``ducke``.
 """
@@ -71,6 +73,12 @@ def send_backlog(send):
     the transport's ``dataBuffer``, ``offset`` and ``_tempDataLen`` (Twisted's
     ``FileDescriptor``) hold the unwritten bytes. Elsewhere this returns 0 (unknown).
     """
+    return backlog_reader(send)()
+
+
+def backlog_reader(send):
+    """A function of no arguments returning ``send_backlog(send)``: the middleware wrappers
+    are seen through once, not at every relayed frame."""
     for _ in range(8):  # unwrap middleware sends down to daphne's own
         if isinstance(send, functools.partial):
             break
@@ -79,11 +87,15 @@ def send_backlog(send):
             break
         send = inner
     protocol = send.args[0] if isinstance(send, functools.partial) and send.args else None
-    transport = getattr(protocol, "transport", None)
-    try:
-        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-    except (AttributeError, TypeError):
-        return 0
+
+    def backlog():
+        transport = getattr(protocol, "transport", None)
+        try:
+            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+        except (AttributeError, TypeError):
+            return 0
+
+    return backlog
 
 
 class ServerShutdown:

@@ -32,3 +32,16 @@ def test_sees_through_the_session_middleware_of_the_auth_stack():
     send = functools.partial(handle_reply, SimpleNamespace(transport=transport))
     wrapper = InstanceSessionWrapper({"type": "websocket", "cookies": {}}, send)
     assert send_backlog(wrapper.send) == 500
+
+
+def test_a_reader_made_once_follows_the_transport():
+    from ducke.server_workarounds import backlog_reader
+
+    transport = SimpleNamespace(dataBuffer=b"", offset=0, _tempDataLen=0)
+    protocol = SimpleNamespace(transport=transport)
+    backlog = backlog_reader(functools.partial(handle_reply, protocol))
+    assert backlog() == 0
+    transport.dataBuffer, transport._tempDataLen = b"x" * 700, 50
+    assert backlog() == 750
+    protocol.transport = None  # the connection is gone
+    assert backlog() == 0

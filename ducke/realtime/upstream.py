@@ -99,12 +99,12 @@ def read_audio_delta(text):
     end = text.find('"', start)
     if end < 0 or _AUDIO_DELTA_TAIL.fullmatch(text, end) is None:
         return None
-    if not _is_base64_alphabet(text.encode("ascii")[start:end]):
+    if not is_base64_alphabet(text.encode("ascii")[start:end]):
         return None
     return head["response_id"], end - start
 
 
-def _is_base64_alphabet(data):
+def is_base64_alphabet(data):
     """Whether ``data`` is a non-empty run of base64 characters (A-Z a-z 0-9 + / =).
 
     The delta is the one long value of the frame: the check runs in C at memchr speed
