@@ -17,24 +17,27 @@ from django.db import close_old_connections, connections
 
 CHECK_INTERVAL_SECONDS = 1.0
 
-_last_tidy = threading.local()
+_last_tidy = threading.local()  # .at: (generation, time of this thread's last tidy)
+_generation = 0
 
 
 def tidy_connections(now=None):
     """``close_old_connections`` when this thread's last one is older than the interval or a
     connection has seen an error; answers whether it ran."""
     now = time.monotonic() if now is None else now
-    due = now - getattr(_last_tidy, "at", float("-inf")) >= CHECK_INTERVAL_SECONDS
+    generation, last = getattr(_last_tidy, "at", (None, 0.0))
+    due = generation != _generation or now - last >= CHECK_INTERVAL_SECONDS
     if not due and not any(conn.errors_occurred for conn in connections.all(initialized_only=True)):
         return False
     close_old_connections()
-    _last_tidy.at = now
+    _last_tidy.at = (_generation, now)
     return True
 
 
 def forget_tidy():
-    """Make the next hop of this thread tidy its connections (tests)."""
-    _last_tidy.__dict__.pop("at", None)
+    """Make the next hop of every thread tidy its connections (tests, settings changes)."""
+    global _generation
+    _generation += 1
 
 
 class LedgerHop(SyncToAsync):
