@@ -63,7 +63,7 @@ from .breaker import (  # noqa: F401 (the breaker's names, re-exported for calle
     OPEN,
     broadcast_breaker_open,
 )
-from .caps import HOUR_SECONDS, HOURLY, SESSION, Identity, hourly_cap, session_cap
+from .caps import HOUR_SECONDS, HOURLY, SESSION, CapSet, Identity, hourly_cap, session_cap
 from .caps import spend_caps as build_caps
 from .conf import quota_settings
 from .hash_tags import spend_prefix
@@ -348,11 +348,13 @@ class LocalSpend:
 # -- the ledger, for seeding the twin and rebuilding Redis --------------------------------------
 
 
-def ledger_entries(now, snapshot, prefix, tz):
+def ledger_entries(now, snapshot, prefix, tz, holds=None):
     """Every counter's entries as the ledger has them: {Cap: [(score_ms, member), ...]} (sync).
 
     Which counters a row belongs to follows from its session's identity (client, user and
     the user's groups now) and today's policies; open sessions get their own counters too.
+    ``holds``: a dict to fill with each provisional row's member -> (session id, response
+    id, the caps its entry went to).
     """
     from django.contrib.auth.models import Group
     from django.db.models import Q
@@ -413,9 +415,11 @@ def ledger_entries(now, snapshot, prefix, tz):
         chosen = list(caps)
         if session_id in open_ids:
             chosen.append(session_cap(budget, session_id, prefix=prefix))
-        for cap in chosen:
-            if cap.name == SESSION or cap.counts_entry_at(at, now):
-                entries.setdefault(cap, []).append((_ms(at), member))
+        counted = [cap for cap in chosen if cap.name == SESSION or cap.counts_entry_at(at, now)]
+        for cap in counted:
+            entries.setdefault(cap, []).append((_ms(at), member))
+        if estimated and holds is not None and counted:
+            holds[member] = (session_id, reference, CapSet(tuple(counted)))
     entries.setdefault(hourly_cap(budget, prefix=prefix), [])
     return entries
 
@@ -745,6 +749,15 @@ class SpendCounters:
         """``rebuild_from_ledger`` off the event loop."""
         return await database_sync_to_async(self.rebuild_from_ledger)(budget)
 
+    def _drop_settled_holds(self, holds, budget):
+        # A hold read from the ledger may be settled (or released) before its replay runs:
+        # the settlement's swap found no entry to take out, and the replay then put the hold
+        # back, counting it until its window passes. Such holds are taken out again; taking
+        # out an entry that is not there changes nothing, and a settlement still to come
+        # takes out the hold itself.
+        for member, caps in _settled_holds(holds) if holds else ():
+            self.decide("release", caps, budget, remove=member, observe=False)
+
     def rebuild_from_ledger(self, budget=None):
         """Replay the ledger into every Redis counter (sync); the hour's total, or None if down.
 
@@ -757,7 +770,10 @@ class SpendCounters:
         if budget is not None:
             snapshot = _replace(snapshot, budget=budget)
         now = self.timer()
-        entries = ledger_entries(now, snapshot, self.prefix, quota_settings.budget_timezone)
+        holds = {}
+        entries = ledger_entries(
+            now, snapshot, self.prefix, quota_settings.budget_timezone, holds=holds
+        )
         hour_total = 0
         for cap, items in entries.items():
             total = 0
@@ -771,6 +787,7 @@ class SpendCounters:
                     return None
             if cap.name == HOURLY:
                 hour_total = int(total)
+        self._drop_settled_holds(holds, snapshot.budget)
         state = self.decide("read", self.default_caps(snapshot.budget), snapshot.budget)
         logger.warning(
             "spend counters rebuilt from the ledger: %d counters, $%s in the hour",
@@ -779,6 +796,24 @@ class SpendCounters:
         )
         hourly_cost_usd.set(state.hour_micro / MICRO_PER_USD)
         return state.hour_micro
+
+
+def _settled_holds(holds):
+    """The members of ``holds`` whose provisional row is gone or no longer provisional."""
+    from .models import UsageRecord
+
+    pending = set(
+        UsageRecord.objects.filter(
+            estimated=True,
+            session_id__in={session_id for session_id, _, _ in holds.values()},
+            response_id__in={reference for _, reference, _ in holds.values()},
+        ).values_list("session_id", "response_id")
+    )
+    return [
+        (member, caps)
+        for member, (session_id, reference, caps) in holds.items()
+        if (session_id, reference) not in pending
+    ]
 
 
 def _replace(instance, **changes):

@@ -1,6 +1,8 @@
 """The spend engine over every cap: reservations, settlements, spend limits, tiers, calendar
 periods, and the Redis script held to its in-process twin by a property test."""
 
+import asyncio
+import time
 import zoneinfo
 from datetime import datetime
 from decimal import Decimal
@@ -344,4 +346,78 @@ async def test_rebuild_restores_every_counter_and_the_running_reservation(
 
     ledger = sum([r.cost_usd async for r in UsageRecord.objects.all()])
     assert all(total == int(ledger * USD) for _, total in settled.totals)
+    await meter.close("client_closed")
+
+
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+async def test_a_hold_settled_while_the_ledger_is_replayed_is_not_put_back(
+    redis_url, redis_prefix, settings, default_policies, monkeypatch
+):
+    """The rebuild reads the ledger while a response is held; that response settles before
+    the replay reaches Redis (its swap finds no hold to take out). The replay must not leave
+    the hold counted on top of the exact cost."""
+    import redis as redis_py
+
+    from quotas import spend as spend_module
+    from quotas.models import UsageRecord
+    from quotas.policies import policy_cache
+    from quotas.realtime.meter import SessionMeter
+
+    settings.QUOTAS_BUDGET_TIMEZONE = "UTC"
+    link = SharedRedis(redis_url)
+    counters = SpendCounters(link, prefix=redis_prefix, ledger=True)
+    snapshot = await policy_cache.aget()
+    meter = SessionMeter(
+        "10.0.0.6",
+        "gpt-realtime",
+        snapshot.budget,
+        counters=counters,
+        limits=snapshot.spend_limits,
+    )
+    await meter.open()
+    meter.note_input_text("Why does my loop never end?")
+    assert (await meter.reserve_response()).allowed
+    client = redis_py.Redis.from_url(redis_url)
+    client.delete(*client.keys(f"{redis_prefix}:spend:*"))  # Redis restarted empty
+
+    read_ledger = spend_module.ledger_entries
+    loop = asyncio.get_running_loop()
+    ledger_read = asyncio.Event()
+
+    def ledger_then_settlement(*args, **kwargs):
+        entries = read_ledger(*args, **kwargs)
+        loop.call_soon_threadsafe(ledger_read.set)  # the settlement runs now, before the replay
+        return entries
+
+    monkeypatch.setattr(spend_module, "ledger_entries", ledger_then_settlement)
+    usage = {"input_tokens": 50, "output_tokens": 20}
+    rebuilt = asyncio.Event()
+
+    async def settle_during_rebuild():
+        await ledger_read.wait()
+        await meter.charge_response(
+            {"type": "response.done", "response": {"id": "r1", "usage": usage}}
+        )
+        rebuilt.set()
+
+    # The replay waits for the settlement: the rebuild's thread holds until it is booked.
+    original_run = link.run
+
+    def run_after_settlement(script, keys, args):
+        if script is spend_module.REPLAY:
+            deadline = time.monotonic() + 10
+            while not rebuilt.is_set() and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return original_run(script, keys, args)
+
+    monkeypatch.setattr(link, "run", run_after_settlement)
+    settling = asyncio.create_task(settle_during_rebuild())
+    await asyncio.to_thread(counters.rebuild_from_ledger)
+    await settling
+    monkeypatch.setattr(link, "run", original_run)
+    settled = await counters.adecide("read", meter.caps(), snapshot.budget)
+    ledger = sum([r.cost_usd async for r in UsageRecord.objects.all()])
+    assert await UsageRecord.objects.filter(estimated=True).acount() == 0
+    assert all(total == int(ledger * USD) for _, total in settled.totals), settled.totals
     await meter.close("client_closed")
