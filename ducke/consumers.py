@@ -40,6 +40,7 @@ from ducke.realtime.persona import TRANSCRIPTION_MODEL, session_update
 from ducke.realtime.upstream import is_base64_alphabet, open_upstream, read_audio_delta
 from ducke.response_lifecycle import ResponseLifecycle
 from ducke.server_workarounds import (
+    DirectDispatchMixin,
     DirectReceiveMixin,
     ServerShutdown,
     backlog_reader,
@@ -137,7 +138,9 @@ async def _end_for_shutdown(session):
 server_shutdown = ServerShutdown(_end_for_shutdown)
 
 
-class SessionConsumer(DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketConsumer):
+class SessionConsumer(
+    DirectDispatchMixin, DirectReceiveMixin, QuotaConsumerMixin, AsyncWebsocketConsumer
+):
     """Relays one browser voice session to the Realtime upstream and meters it."""
 
     async def __call__(self, scope, receive, send):

@@ -3,8 +3,8 @@
 Written against the versions pinned in requirements.txt: daphne 4.2.3 and channels 4.3.2,
 with the Twisted 26.10.0 and autobahn 26.11.1 that daphne 4.2.3 resolves to (they are not
 pinned themselves). Each workaround says what it relies on; on another server (uvicorn) or
-without daphne the daphne/Twisted/autobahn ones are no-ops, and the Channels one
-(``DirectReceiveMixin``) works the same under any ASGI server.
+without daphne the daphne/Twisted/autobahn ones are no-ops, and the Channels ones
+(``DirectReceiveMixin``, ``DirectDispatchMixin``) work the same under any ASGI server.
 Re-check them when one of these versions moves:
 
 - ``allow_server_close_codes``: autobahn's ``sendClose`` refuses the RFC 6455 server codes
@@ -16,6 +16,10 @@ Re-check them when one of these versions moves:
   "before shutdown" trigger and a shared wait end every session properly.
 - ``DirectReceiveMixin``: Channels closes stale database connections on the database thread
   before every message; audio frames need no database and skip that hop.
+- ``DirectDispatchMixin``: Channels' ``await_many_dispatch`` creates a task and an
+  ``asyncio.wait`` per message; the consumer awaits the browser's frames in its own task, and
+  its send skips the session middleware's wrapper, a pass-through for WebSocket messages
+  (``direct_send``).
 
 One more, the channel-layer receive that survives a Redis outage, is
 ``quotas.consumers.QuotaConsumerMixin.channel_receive``: it lives in the reusable app, which
@@ -23,10 +27,15 @@ cannot import ``ducke``.
 """
 
 import asyncio
+import contextlib
 import functools
 import logging
 import sys
 import weakref
+
+from channels.exceptions import StopConsumer
+from channels.layers import get_channel_layer
+from channels.sessions import InstanceSessionWrapper
 
 logger = logging.getLogger("ducke.session")
 
@@ -181,3 +190,94 @@ class DirectReceiveMixin:
             await self.websocket_receive(message)
         else:
             await super().dispatch(message)
+
+
+def direct_send(send):
+    """``send`` without Channels' session-middleware wrapper when it only passes messages on.
+
+    ``AuthMiddlewareStack``'s ``SessionMiddleware`` hands the application the bound
+    ``InstanceSessionWrapper.send``, which saves the session and sets its cookie on the
+    message types of its ``save_message_types`` and ``cookie_response_message_types``
+    (``http.response.start`` in channels 4.3.2) and passes every other message to its
+    ``real_send`` after reading the session's ``modified`` and ``is_empty()``. No WebSocket
+    message is among them: for a WebSocket consumer the wrapper is a pass-through, and its
+    ``real_send`` is used directly. Anything else is returned as it is."""
+    wrapper = getattr(send, "__self__", None)
+    if not isinstance(wrapper, InstanceSessionWrapper):
+        return send
+    handled = (*wrapper.save_message_types, *wrapper.cookie_response_message_types)
+    if any(not kind.startswith("http.") for kind in handled):
+        return send
+    return direct_send(wrapper.real_send)
+
+
+class DirectDispatchMixin:
+    """Channels' ``AsyncConsumer.__call__`` without a task and an ``asyncio.wait`` per message.
+
+    ``channels.utils.await_many_dispatch`` (channels 4.3.2) wraps every ``receive()`` in a new
+    task and waits for it together with the channel-layer receive: per browser frame (audio
+    comes 10-50 times a second per session) a task, a wait with its callbacks and two more
+    event-loop turns. Here the consumer's own task awaits ``receive()``, and one long-lived
+    task the channel layer; as in Channels, one message is dispatched at a time (a lock), a
+    ``StopConsumer`` ends the consumer quietly, and an error of the channel-layer side ends it
+    with that error once the dispatch running meanwhile is over. The send is ``direct_send``'s.
+    Put it first among the consumer's bases.
+    """
+
+    async def __call__(self, scope, receive, send):
+        self.scope = scope
+        self.channel_layer = get_channel_layer(self.channel_layer_alias)
+        if self.channel_layer is not None:
+            self.channel_name = await self.channel_layer.new_channel()
+            self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
+        self.base_send = direct_send(send)
+        try:
+            await self._dispatch_messages(receive)
+        except StopConsumer:
+            pass
+
+    async def _dispatch_messages(self, receive):
+        lock = asyncio.Lock()
+        consumer_task = asyncio.current_task()
+        failures = []
+        dispatching = False
+
+        async def from_layer():
+            while True:
+                message = await self.channel_receive()
+                async with lock:
+                    await self.dispatch(message)
+
+        def layer_ended(task):
+            if not task.cancelled() and task.exception() is not None:
+                failures.append(task.exception())
+                if not dispatching:
+                    consumer_task.cancel()
+
+        layer = None
+        if self.channel_layer is not None:
+            layer = asyncio.ensure_future(from_layer())
+            layer.add_done_callback(layer_ended)
+        try:
+            while not failures:
+                message = await receive()
+                async with lock:
+                    dispatching = True
+                    try:
+                        await self.dispatch(message)
+                    finally:
+                        dispatching = False
+        except asyncio.CancelledError:
+            if not failures:
+                raise
+            consumer_task.uncancel()
+        finally:
+            if layer is not None:
+                layer.remove_done_callback(layer_ended)
+                if not layer.done():
+                    layer.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await layer
+                elif not layer.cancelled():
+                    layer.exception()  # retrieved: the consumer ends anyway
+        raise failures[0]
