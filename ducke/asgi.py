@@ -25,9 +25,15 @@ from quotas.startup import prepare_process  # noqa: E402
 
 prepare_process(load_o200k)
 
-from ducke.server_workarounds import allow_server_close_codes  # noqa: E402
+from ducke.server_workarounds import (  # noqa: E402
+    allow_server_close_codes,
+    speed_up_autobahn_frames,
+    write_at_once,
+)
 
 allow_server_close_codes()
+speed_up_autobahn_frames()
+write_at_once()
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 

@@ -177,6 +177,15 @@ def headline(server, rows):
     return at, lines
 
 
+def backing_services():
+    """The relay's database and Redis: this run's ``DATABASE_URL`` / ``REDIS_URL`` when set
+    (what a deployment uses), else the embedded defaults (a private SQLite file, in-process
+    counters)."""
+    return {
+        name: os.environ[name] for name in ("DATABASE_URL", "REDIS_URL") if os.environ.get(name)
+    }
+
+
 def test_relay_added_latency_cpu_and_frames(tmp_path, bench_report):
     load_before = os.getloadavg()[0]
     split = cpu_split()
@@ -194,6 +203,7 @@ def test_relay_added_latency_cpu_and_frames(tmp_path, bench_report):
                 cpus=split.relay,
                 DUCKE_REALTIME_URL=upstream,
                 DUCKE_SIMULATOR_ENABLED="0",
+                **backing_services(),
             )
         for name, process in {**relays, "simulator": simulator}.items():
             print(f"  {name} pid {process.pid} on CPU {sorted(os.sched_getaffinity(process.pid))}")
