@@ -44,6 +44,11 @@ pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(900)]
 STEPS = tuple(int(n) for n in os.environ.get("RELAY_BENCH_STEPS", "25,50,100").split(","))
 STEADY_SECONDS = float(os.environ.get("RELAY_BENCH_SECONDS", "10"))
 SERVERS = ("daphne", "uvicorn")
+# The floor at the target step: the bare relay peer, stock and (daphne) with DUCK-E's workarounds.
+BARE_RELAY = "tests.benchmarks.peers.bare_relay:application"
+WITH_WORKAROUNDS = "DUCK-E's daphne workarounds"
+FLOOR_VARIANTS = {"daphne": ("stock", WITH_WORKAROUNDS), "uvicorn": ("stock",)}
+FLOORS = os.environ.get("RELAY_BENCH_FLOORS", "1") != "0"
 TARGET_SESSIONS = 100
 TARGET_ADDED_P99_MS = 10.0
 TARGET_CPU_PER_SESSION = 0.45  # % of one core per session
@@ -186,6 +191,74 @@ def backing_services():
     }
 
 
+def measure_step(split, upstream, simulator_pid, relay, server, pairs, problems):
+    """One step of ``pairs`` sessions through ``relay``: its summary row (correctness
+    problems appended to ``problems``)."""
+    with pinned(split.harness):
+        step = asyncio.run(
+            run_step(
+                upstream,
+                f"{relay.ws_url}/session",
+                relay.url,
+                pairs,
+                steady_seconds=STEADY_SECONDS,
+                pids={"relay": relay.pid, "simulator": simulator_pid},
+                cores={"relay_core": split.relay, "harness_core": split.harness},
+            )
+        )
+    step_problems = correctness_problems(server, step)
+    problems += step_problems
+    row = step.summary()
+    row["problems"] = len(step_problems)
+    return row
+
+
+def measure_floors(tmp_path, split, upstream, simulator_pid, pairs, problems):
+    """The bare relay (tests/benchmarks/peers/bare_relay.py) under each server at ``pairs``
+    sessions: stock, and under daphne also with DUCK-E's daphne workarounds
+    (``ducke.server_workarounds``; no-ops under uvicorn). ``{(server, variant): row}``."""
+    floors = {}
+    for server in SERVERS:
+        for variant in FLOOR_VARIANTS[server]:
+            relay = start_app_server(
+                tmp_path / f"floor-{server}-{variant}",
+                server,
+                cpus=split.relay,
+                application=BARE_RELAY,
+                BARE_RELAY_UPSTREAM=upstream,
+                BARE_RELAY_WORKAROUNDS="1" if variant == WITH_WORKAROUNDS else "0",
+            )
+            try:
+                floors[server, variant] = measure_step(
+                    split, upstream, simulator_pid, relay, f"{server} {variant}", pairs, problems
+                )
+            finally:
+                relay.stop()
+    return floors
+
+
+def print_floors(floors, rows, pairs):
+    print(
+        f"\nThe floor: a bare ASGI relay (no Django, Channels, quotas; frames piped as they came) "
+        f"on the same server, N={pairs}"
+    )
+    print(
+        f"  {'server':<8} {'relay':<36} | {'CPU %/session':>13} | {'added p50/p99':>15} | "
+        f"{'DUCK-E / floor CPU':>18}"
+    )
+    for (server, variant), floor in floors.items():
+        ducke = next((r for r in rows[server] if r["pairs"] == pairs), None)
+        print(
+            f"  {server:<8} {'bare, ' + variant:<36} | {floor['cpu_relay_per_session']:>13.3f} | "
+            f"{floor['added_p50']:>7.2f}/{floor['added_p99']:<7.2f} | "
+            + (
+                f"{ratio(ducke['cpu_relay_per_session'], floor['cpu_relay_per_session']):>18.2f}"
+                if ducke
+                else f"{'n/a':>18}"
+            )
+        )
+
+
 def test_relay_added_latency_cpu_and_frames(tmp_path, bench_report):
     load_before = os.getloadavg()[0]
     split = cpu_split()
@@ -195,6 +268,8 @@ def test_relay_added_latency_cpu_and_frames(tmp_path, bench_report):
     relays = {}
     problems = []
     rows = {server: [] for server in SERVERS}
+    floors = {}
+    floor_step = TARGET_SESSIONS if TARGET_SESSIONS in STEPS else STEPS[-1]
     try:
         for server in SERVERS:
             relays[server] = start_app_server(
@@ -213,24 +288,13 @@ def test_relay_added_latency_cpu_and_frames(tmp_path, bench_report):
                 running = {s for s in running if rows[s] and meets_target(rows[s][-1])}
             # Interleaved per step: both servers see the same machine load over the run.
             for server in sorted(running):
-                relay = relays[server]
-                with pinned(split.harness):
-                    step = asyncio.run(
-                        run_step(
-                            upstream,
-                            f"{relay.ws_url}/session",
-                            relay.url,
-                            pairs,
-                            steady_seconds=STEADY_SECONDS,
-                            pids={"relay": relay.pid, "simulator": simulator.pid},
-                            cores={"relay_core": split.relay, "harness_core": split.harness},
-                        )
+                rows[server].append(
+                    measure_step(
+                        split, upstream, simulator.pid, relays[server], server, pairs, problems
                     )
-                step_problems = correctness_problems(server, step)
-                problems += step_problems
-                row = step.summary()
-                row["problems"] = len(step_problems)
-                rows[server].append(row)
+                )
+            if pairs == floor_step and FLOORS:
+                floors = measure_floors(tmp_path, split, upstream, simulator.pid, pairs, problems)
             if not running:
                 break
     finally:
@@ -244,6 +308,8 @@ def test_relay_added_latency_cpu_and_frames(tmp_path, bench_report):
     )
     for server in SERVERS:
         print_table(server, rows[server])
+    if floors:
+        print_floors(floors, rows, floor_step)
     print()
     at_target = {}
     for server in SERVERS:
@@ -280,6 +346,16 @@ def test_relay_added_latency_cpu_and_frames(tmp_path, bench_report):
                 target=f"<= {TARGET_BOOKING_P99_MS:g}",
             )
             bench_report(f"direct reference p99, {n} sessions ({server})", at["direct_p99"])
+        for (floor_server, variant), floor in floors.items():
+            ducke = next((r for r in rows[server] if r["pairs"] == floor_step), None)
+            if floor_server == server and ducke:
+                bench_report(
+                    f"bare relay CPU per session-second, {floor_step} sessions ({server}, "
+                    f"{variant})",
+                    floor["cpu_relay_per_session"],
+                    unit="%core",
+                    ratio=ratio(ducke["cpu_relay_per_session"], floor["cpu_relay_per_session"]),
+                )
         sustained = [r["pairs"] for r in rows[server] if meets_target(r)]
         bench_report(f"relay sessions within target ({server})", max(sustained, default=0))
         dropped = sum(r.get("dropped", 0) + r.get("reordered", 0) for r in rows[server])
