@@ -27,11 +27,13 @@ prepare_process(load_o200k)
 
 from ducke.server_workarounds import (  # noqa: E402
     allow_server_close_codes,
+    batch_mask_keys,
     speed_up_autobahn_frames,
     write_at_once,
 )
 
 allow_server_close_codes()
+batch_mask_keys()
 speed_up_autobahn_frames()
 write_at_once()
 

@@ -520,7 +520,9 @@ class SessionConsumer(
         previous = self.last_booking
 
         async def in_turn():
-            if previous is not None:
+            if previous is not None and not previous.done():
+                # (asyncio.wait on a task that is done already would still cost two loop
+                # turns, each long under load: a booking waits for nothing it need not.)
                 await asyncio.wait({previous})
             await book(*args)
 

@@ -46,8 +46,8 @@ STEADY_SECONDS = float(os.environ.get("RELAY_BENCH_SECONDS", "10"))
 SERVERS = ("daphne", "uvicorn")
 # The floor at the target step: the bare relay peer, stock and (daphne) with DUCK-E's workarounds.
 BARE_RELAY = "tests.benchmarks.peers.bare_relay:application"
-WITH_WORKAROUNDS = "DUCK-E's daphne workarounds"
-FLOOR_VARIANTS = {"daphne": ("stock", WITH_WORKAROUNDS), "uvicorn": ("stock",)}
+WITH_WORKAROUNDS = "DUCK-E's workarounds"
+FLOOR_VARIANTS = {"daphne": ("stock", WITH_WORKAROUNDS), "uvicorn": ("stock", WITH_WORKAROUNDS)}
 FLOORS = os.environ.get("RELAY_BENCH_FLOORS", "1") != "0"
 TARGET_SESSIONS = 100
 TARGET_ADDED_P99_MS = 10.0
@@ -215,8 +215,9 @@ def measure_step(split, upstream, simulator_pid, relay, server, pairs, problems)
 
 def measure_floors(tmp_path, split, upstream, simulator_pid, pairs, problems):
     """The bare relay (tests/benchmarks/peers/bare_relay.py) under each server at ``pairs``
-    sessions: stock, and under daphne also with DUCK-E's daphne workarounds
-    (``ducke.server_workarounds``; no-ops under uvicorn). ``{(server, variant): row}``."""
+    sessions: stock, and with DUCK-E's workarounds (``ducke.server_workarounds``: the daphne
+    ones are no-ops under uvicorn, the upstream client's apply to both).
+    ``{(server, variant): row}``."""
     floors = {}
     for server in SERVERS:
         for variant in FLOOR_VARIANTS[server]:

@@ -6,9 +6,10 @@ same client and options as DUCK-E's relay (``websockets``, no compression) and f
 text frame both ways as it came: no Django, Channels, session, quota, meter or parsing. What
 the relay benchmark measures for it is what the ASGI server and the upstream client cost by
 themselves for the same traffic; DUCK-E's relay above that is its own work.
-``BARE_RELAY_WORKAROUNDS=1`` applies DUCK-E's daphne workarounds (``ducke.server_workarounds``:
-``speed_up_autobahn_frames``, ``write_at_once``) first, as DUCK-E's ASGI module does, so that
-the floor runs on the same server code as DUCK-E.
+``BARE_RELAY_WORKAROUNDS=1`` applies DUCK-E's server and client workarounds first
+(``ducke.server_workarounds``: ``speed_up_autobahn_frames``, ``write_at_once``,
+``batch_mask_keys``), as DUCK-E's ASGI module does, so that the floor runs on the same server
+and client code as DUCK-E.
 """
 
 import asyncio
@@ -22,10 +23,11 @@ UPSTREAM = os.environ.get("BARE_RELAY_UPSTREAM", "")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 if os.environ.get("BARE_RELAY_WORKAROUNDS") == "1":
-    from ducke.server_workarounds import speed_up_autobahn_frames, write_at_once
+    from ducke.server_workarounds import batch_mask_keys, speed_up_autobahn_frames, write_at_once
 
     speed_up_autobahn_frames()
     write_at_once()
+    batch_mask_keys()
 
 
 async def application(scope, receive, send):
