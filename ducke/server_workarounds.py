@@ -1,10 +1,12 @@
-"""Where DUCK-E reaches into its server's internals: daphne, Twisted, autobahn and Channels.
+"""Where DUCK-E reaches into its server's and clients' internals: daphne, Twisted, autobahn,
+Channels and websockets.
 
-Written against the versions pinned in requirements.txt: daphne 4.2.3 and channels 4.3.2,
-with the Twisted 26.10.0 and autobahn 26.11.1 that daphne 4.2.3 resolves to (they are not
-pinned themselves). Each workaround says what it relies on; on another server (uvicorn) or
-without daphne the daphne/Twisted/autobahn ones are no-ops, and the Channels ones
-(``DirectReceiveMixin``, ``DirectDispatchMixin``) work the same under any ASGI server.
+Written against the versions pinned in requirements.txt: daphne 4.2.3, channels 4.3.2 and
+websockets 17.4, with the Twisted 26.10.0 and autobahn 26.11.1 that daphne 4.2.3 resolves to
+(they are not pinned themselves). Each workaround says what it relies on; on another server
+(uvicorn) or without daphne the daphne/Twisted/autobahn ones are no-ops, and the Channels
+ones (``DirectReceiveMixin``, ``DirectDispatchMixin``) and the upstream client's
+(``batch_mask_keys``) work the same under any ASGI server.
 Re-check them when one of these versions moves:
 
 - ``allow_server_close_codes``: autobahn's ``sendClose`` refuses the RFC 6455 server codes

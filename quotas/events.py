@@ -28,6 +28,7 @@ import threading
 import time
 from datetime import UTC, datetime
 
+from django.conf import settings
 from django.db import DatabaseError, connections, transaction
 
 from .conf import quota_settings
@@ -248,7 +249,8 @@ class EventRecorder:
     def close(self):
         """Stop the writer and flush what is left (shutdown), unless the writer is off."""
         self.stop()
-        if float(quota_settings.EVENT_FLUSH_SECONDS) <= 0:
+        if not settings.configured or float(quota_settings.EVENT_FLUSH_SECONDS) <= 0:
+            # Never configured (a script that imported quotas without Django): nothing to do.
             # Off means the owner flushes (tests): at exit the database may be a different one.
             return
         try:

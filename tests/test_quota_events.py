@@ -1,6 +1,7 @@
 """Events with bounded growth, breaker events and alerts, policy history and pruning."""
 
 import io
+import os
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -383,3 +384,24 @@ async def test_connection_guard_refusals_are_recorded(
         "/session",
         2,
     )
+
+
+def test_exiting_without_django_settings_is_quiet():
+    """A script that imports quotas but never configures Django exits without a traceback
+    from the recorder's exit hook."""
+    import subprocess
+    import sys
+
+    from tests.fixtures.live_server import PROJECT_ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import quotas.events"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0
+    assert "Traceback" not in done.stderr, done.stderr
