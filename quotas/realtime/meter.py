@@ -20,6 +20,9 @@ rebuilt from it later.
 
 Each hold (with its provisional row), settlement and booking is ONE worker-thread call
 (``quotas.ledger_hop``: its connections checked at most once a second) holding the ledger
+write and the counters' decision (the sync Redis path: one round trip); the decision is
+observed (gauges, alerts, the breaker's broadcast) back on the event loop. A session keeps its
+``CapSet`` between decisions while its policy, its calendar periods and the minute are the same.
 
 Close codes and events are ``quotas.protocol``'s. Passing the hourly cap does not end a
 running session by itself; its next reservation is refused.
