@@ -44,7 +44,6 @@ from ducke.server_workarounds import (
     DirectReceiveMixin,
     ServerShutdown,
     backlog_reader,
-    send_backlog,  # noqa: F401  (re-exported: its callers import it from here)
 )
 from ducke.tools import TOOL_SCHEMAS, run_tool
 from quotas.caps import Identity

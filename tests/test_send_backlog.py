@@ -3,7 +3,7 @@
 import functools
 from types import SimpleNamespace
 
-from ducke.consumers import send_backlog
+from ducke.server_workarounds import send_backlog
 
 
 async def handle_reply(protocol, message):
