@@ -302,6 +302,21 @@ def test_redis_script_and_twin_decide_alike(operations, redis_url, settings):
             client.delete(*keys)
 
 
+async def open_ledger_meter(redis_url, prefix, client):
+    """``(counters, policy snapshot, meter)``: Redis spend counters that rebuild from the
+    ledger, and an open session meter of ``client`` on them under today's policies."""
+    from quotas.policies import policy_cache
+    from quotas.realtime.meter import SessionMeter
+
+    counters = SpendCounters(SharedRedis(redis_url), prefix=prefix, ledger=True)
+    snapshot = await policy_cache.aget()
+    meter = SessionMeter(
+        client, "gpt-realtime", snapshot.budget, counters=counters, limits=snapshot.spend_limits
+    )
+    await meter.open()
+    return counters, snapshot, meter
+
+
 @pytest.mark.redis
 @pytest.mark.django_db(transaction=True)
 async def test_rebuild_restores_every_counter_and_the_running_reservation(
@@ -311,21 +326,8 @@ async def test_rebuild_restores_every_counter_and_the_running_reservation(
     session, client, hour counters and the hold itself, and settling then counts once."""
     import redis as redis_py
 
-    from quotas.policies import policy_cache
-    from quotas.realtime.meter import SessionMeter
-
     settings.QUOTAS_BUDGET_TIMEZONE = "UTC"
-    link = SharedRedis(redis_url)
-    counters = SpendCounters(link, prefix=redis_prefix, ledger=True)
-    snapshot = await policy_cache.aget()
-    meter = SessionMeter(
-        "10.0.0.5",
-        "gpt-realtime",
-        snapshot.budget,
-        counters=counters,
-        limits=snapshot.spend_limits,
-    )
-    await meter.open()
+    counters, snapshot, meter = await open_ledger_meter(redis_url, redis_prefix, "10.0.0.5")
     await meter.charge_transcription("item_1", {"type": "duration", "seconds": 3}, "gpt-realtime")
     meter.note_input_text("Why does my loop never end?")
     assert (await meter.reserve_response()).allowed
@@ -361,21 +363,10 @@ async def test_a_hold_settled_while_the_ledger_is_replayed_is_not_put_back(
 
     from quotas import spend as spend_module
     from quotas.models import UsageRecord
-    from quotas.policies import policy_cache
-    from quotas.realtime.meter import SessionMeter
 
     settings.QUOTAS_BUDGET_TIMEZONE = "UTC"
-    link = SharedRedis(redis_url)
-    counters = SpendCounters(link, prefix=redis_prefix, ledger=True)
-    snapshot = await policy_cache.aget()
-    meter = SessionMeter(
-        "10.0.0.6",
-        "gpt-realtime",
-        snapshot.budget,
-        counters=counters,
-        limits=snapshot.spend_limits,
-    )
-    await meter.open()
+    counters, snapshot, meter = await open_ledger_meter(redis_url, redis_prefix, "10.0.0.6")
+    link = counters.link
     meter.note_input_text("Why does my loop never end?")
     assert (await meter.reserve_response()).allowed
     client = redis_py.Redis.from_url(redis_url)
