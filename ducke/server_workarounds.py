@@ -163,8 +163,9 @@ def speed_up_autobahn_frames():
     frame read (``dataReceived``) and sent (``sendData``), debug or not: a click style each,
     about 5 µs. A debug line still names the same method and values, uncoloured.
 
-    A 4 KB browser frame costs autobahn ~45 µs instead of ~100, a message sent ~7 µs instead
-    of ~18 (tests/benchmarks/test_bench_autobahn_frames.py)."""
+    autobahn reads a 4 KB browser frame in 0.38 times the stock time and sends an audio delta
+    in 0.40 times (26 µs instead of 67, 5.5 µs instead of 14, on 2026-12-01:
+    tests/benchmarks/test_bench_autobahn_frames.py)."""
     try:
         from autobahn.twisted import websocket as twisted_websocket
         from autobahn.websocket import protocol

@@ -1,6 +1,7 @@
 """``write_at_once``: daphne's TCP connections send a write at once when nothing waits before
 it, and buffer what the socket does not take, in order, as Twisted does."""
 
+import functools
 import socket
 
 import pytest
@@ -86,8 +87,6 @@ def test_a_closing_connection_writes_as_twisted_does(connection):
 
 
 def test_send_backlog_counts_the_buffered_rest(connection):
-    import functools
-
     conn, _peer, _reactor = connection
     conn.write(b"x" * (1 << 20))
 
