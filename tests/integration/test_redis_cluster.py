@@ -108,6 +108,16 @@ def three_rules(client):
     ]
 
 
+# A loopback node can stall past the default 0.5 s connect timeout when the machine is busy;
+# the link's engine would then fall back for a second and the test read that instead.
+CLUSTER_LINK_TIMEOUT_SECONDS = 5.0
+
+
+def cluster_link(cluster):
+    """The quotas link to ``cluster``, patient enough for a busy machine."""
+    return SharedRedis(cluster.url, timeout=CLUSTER_LINK_TIMEOUT_SECONDS)
+
+
 # What moving_window.lua runs inside the script, and what the test's own connections send.
 SCRIPT_INNER = {"zadd", "zcard", "pexpire", "zremrangebyscore", "zrange"}
 OWN = {"hello", "info", "config|resetstat", "config"}
@@ -120,7 +130,7 @@ def client_commands(cluster):
 
 
 def test_a_three_rule_decision_is_one_script_on_one_node(redis_cluster, redis_prefix):
-    link = SharedRedis(redis_cluster.url)
+    link = cluster_link(redis_cluster)
     limiter = RateLimiter(link=link, fail_mode="closed")
     limiter.redis.prefix = redis_prefix
     limiter.redis._key_prefix = f"{redis_prefix}:rl:"
@@ -146,7 +156,7 @@ def test_a_three_rule_decision_is_one_script_on_one_node(redis_cluster, redis_pr
 
 
 def test_clients_spread_over_the_masters(redis_cluster, redis_prefix):
-    link = SharedRedis(redis_cluster.url)
+    link = cluster_link(redis_cluster)
     limiter = RateLimiter(link=link, fail_mode="closed")
     limiter.redis._key_prefix = f"{redis_prefix}:rl:"
     for i in range(60):
@@ -164,7 +174,7 @@ def test_clients_spread_over_the_masters(redis_cluster, redis_prefix):
 def test_a_reservation_is_one_script_and_spend_keys_share_one_slot(redis_cluster, redis_prefix):
     from quotas.caps import Identity
 
-    link = SharedRedis(redis_cluster.url)
+    link = cluster_link(redis_cluster)
     counters = SpendCounters(link, prefix=redis_prefix, ledger=False)
     caps = counters.caps_for(
         BUDGET, Identity("10.7.0.1", 7), limits=(CLIENT_HOUR, GLOBAL_DAY), session_id="s1"
@@ -189,7 +199,7 @@ def test_mixed_owner_hit_refused_by_one_owner_is_taken_back_from_the_other(
     redis_cluster, redis_prefix
 ):
     """ip and global rules live in two slots: a refusal by one leaves no hit on the other."""
-    limiter = RateLimiter(link=SharedRedis(redis_cluster.url), fail_mode="closed")
+    limiter = RateLimiter(link=cluster_link(redis_cluster), fail_mode="closed")
     limiter.redis._key_prefix = f"{redis_prefix}:rl:"
     client = [Limit("page:ip:10.6.0.1", 3, 60)]
     both = [*client, Limit("burst:global", 2, 60)]
@@ -202,8 +212,8 @@ def test_mixed_owner_hit_refused_by_one_owner_is_taken_back_from_the_other(
 
 async def test_session_slots_are_shared_on_the_cluster(redis_cluster, settings, redis_prefix):
     settings.QUOTAS_KEY_PREFIX = redis_prefix
-    a = SessionSlots(SharedRedis(redis_cluster.url))
-    b = SessionSlots(SharedRedis(redis_cluster.url))
+    a = SessionSlots(cluster_link(redis_cluster))
+    b = SessionSlots(cluster_link(redis_cluster))
     clients = [f"10.5.0.{i}" for i in range(8)]
     for client in clients:
         assert await a.acquire(client, "t1", 2)
@@ -216,7 +226,7 @@ async def test_session_slots_are_shared_on_the_cluster(redis_cluster, settings, 
 
 def test_scripts_flushed_on_every_node_are_loaded_again(redis_cluster, redis_prefix):
     """As after a node restart: NOSCRIPT on the packed path loads the script on every primary."""
-    limiter = RateLimiter(link=SharedRedis(redis_cluster.url), fail_mode="closed")
+    limiter = RateLimiter(link=cluster_link(redis_cluster), fail_mode="closed")
     limiter.redis._key_prefix = f"{redis_prefix}:rl:"
     assert limiter.hit(three_rules("10.4.0.1")).engine == "redis"
     for node in redis_cluster.nodes:
