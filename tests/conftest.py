@@ -7,6 +7,8 @@ import pytest
 import redis
 from asgiref.sync import sync_to_async
 from django.db import connections
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from quotas.policies import policy_cache
 from quotas.testing import reset_quota_state, reset_redis_links
@@ -16,6 +18,13 @@ from quotas.testing import reset_quota_state, reset_redis_links
 collect_ignore = (
     [] if os.environ.get("DJANGO_SETTINGS_MODULE") == "tests.reuse.settings" else ["reuse"]
 )
+
+# Property tests judge what the code returns, never how fast: no per-example deadline and no
+# too-slow health check, which a busy machine (CI runs the suite beside its services) trips.
+hypothesis_settings.register_profile(
+    "ducke", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+hypothesis_settings.load_profile("ducke")
 
 REDIS_URL_FOR_TESTS = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 
