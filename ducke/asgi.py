@@ -28,6 +28,7 @@ prepare_process(load_o200k)
 from ducke.server_workarounds import (  # noqa: E402
     allow_server_close_codes,
     batch_mask_keys,
+    read_whole_text_frames,
     speed_up_autobahn_frames,
     write_at_once,
 )
@@ -35,6 +36,7 @@ from ducke.server_workarounds import (  # noqa: E402
 allow_server_close_codes()
 batch_mask_keys()
 speed_up_autobahn_frames()
+read_whole_text_frames()
 write_at_once()
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402

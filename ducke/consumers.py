@@ -44,6 +44,8 @@ from ducke.server_workarounds import (
     DirectReceiveMixin,
     ServerShutdown,
     backlog_reader,
+    browser_text_writer,
+    send_upstream_text,
 )
 from ducke.tools import TOOL_SCHEMAS, run_tool
 from quotas.caps import Identity
@@ -167,6 +169,7 @@ class SessionConsumer(
         self.model = ducke_settings.REALTIME_MODEL
         self.max_backlog = int(ducke_settings.MAX_SEND_BACKLOG_BYTES)
         self.backlog = backlog_reader(self.base_send)
+        self.write_browser_text = browser_text_writer(self.base_send)
         self.max_frame_bytes = int(ducke_settings.MAX_FRAME_BYTES)
         self.upstream = None
         self.meter = None
@@ -372,7 +375,7 @@ class SessionConsumer(
 
     async def _send_upstream(self, text):
         try:
-            await self.upstream.send(text)
+            await send_upstream_text(self.upstream, text)
         except Exception as exc:
             logger.warning("upstream send failed: %s", exc.__class__.__name__)
             await self._end_for_upstream("The voice service connection was lost.")
@@ -416,7 +419,7 @@ class SessionConsumer(
             return
         if self.backlog() > self.max_backlog:
             await self._end_for_slow_client()
-        else:
+        elif not self.write_browser_text(raw):
             await self.send(text_data=raw)
 
     async def _end_for_slow_client(self):

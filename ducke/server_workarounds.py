@@ -44,6 +44,7 @@ import contextlib
 import functools
 import logging
 import os
+import struct
 import sys
 import threading
 import weakref
@@ -51,6 +52,7 @@ import weakref
 from channels.exceptions import StopConsumer
 from channels.layers import get_channel_layer
 from channels.sessions import InstanceSessionWrapper
+from websockets.protocol import OPEN as WS_OPEN
 from websockets.speedups import apply_mask
 
 logger = logging.getLogger("ducke.session")
@@ -177,6 +179,85 @@ def speed_up_autobahn_frames():
         module.hltype = module.hlval = _as_is
 
 
+def read_whole_text_frames():
+    """Let autobahn (under daphne) read a browser's text frame in one step when the whole
+    frame is buffered; a no-op without autobahn.
+
+    autobahn 26.11.1's ``processData`` reads every frame through a chain of hooks
+    (``onFrameBegin``, ``onMessageBegin``, ``onMessageFrameBegin``, ``onFrameData``,
+    ``onMessageFrameData``, ``onFrameEnd``, ``onMessageFrameEnd``, ``onMessageEnd``), then
+    fires a "message" event through a Deferred although daphne listens to none: about as
+    much as the unmasking and validation themselves. What the relay receives, 10-50 times a
+    second per session, is one unfragmented masked text frame (FIN, opcode 1, no RSV bits)
+    under 64 KiB, all of it in the buffer: that frame is unmasked (websockets' C
+    ``apply_mask``), checked as UTF-8 (CPython's decoder) and handed to ``_onMessage`` (daphne's
+    ``onMessage``) directly. Only then: the connection open and not failed, no message under
+    way, no compression, no frame logging or timing, no "message" listener, the frame within
+    ``maxFramePayloadSize`` and ``maxMessagePayloadSize``. Anything else (control frames,
+    fragments, binary frames, invalid UTF-8, a partial frame, a frame that breaks a rule) goes
+    to autobahn's own ``processData`` with the buffer untouched, so its checks and failures
+    are autobahn's (tests/test_autobahn_whole_frames.py feeds both the same streams).
+    autobahn's traffic counters of frames and messages (read by nothing in daphne) do not
+    count the frames read here."""
+    try:
+        from autobahn.websocket.protocol import WebSocketProtocol
+    except ImportError:
+        return
+    process_data = WebSocketProtocol.processData
+    if getattr(process_data, "reads_whole_text_frames", False):
+        return
+    open_state = WebSocketProtocol.STATE_OPEN
+
+    def processData(self):
+        data = self.data
+        if (
+            len(data) < 6
+            or data[0] != 0x81  # FIN, no RSV, text
+            or not data[1] & 0x80  # masked, as every client frame must be
+            or self.current_frame is not None
+            or self.inside_message
+            or self.state != open_state
+            or self.failedByMe
+            or self._perMessageCompress is not None
+            or self.logFrames
+            or self.trackedTimings
+            or (self._listeners or {}).get("message")
+        ):
+            return process_data(self)
+        length = data[1] & 0x7F
+        if length < 126:
+            start = 6
+        elif length == 126 and len(data) >= 8:
+            length = (data[2] << 8) | data[3]
+            if length < 126:  # not the minimal length encoding: autobahn's violation
+                return process_data(self)
+            start = 8
+        else:
+            return process_data(self)
+        end = start + length
+        if (
+            len(data) < end
+            or 0 < self.maxFramePayloadSize < length
+            or 0 < self.maxMessagePayloadSize < length
+        ):
+            return process_data(self)
+        payload = apply_mask(data[start:end], data[start - 4 : start])
+        if self.utf8validateIncoming and not payload.isascii():
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                return process_data(self)
+        self.data = data[end:]
+        if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+            self._cancelAutoPingTimeoutCall()
+        self._onMessage(payload, False)
+        return len(self.data) > 0
+
+    processData.reads_whole_text_frames = True
+    processData.autobahns = process_data
+    WebSocketProtocol.processData = processData
+
+
 def write_at_once():
     """Let daphne's TCP connections send a write at once when nothing is buffered before it.
 
@@ -248,6 +329,11 @@ class MaskKeys:
             return self._pool[start : self._offset]
 
 
+# The upstream client's mask keys: websockets' frames (``batch_mask_keys``) and
+# ``send_upstream_text`` draw from this one pool.
+UPSTREAM_MASK_KEYS = MaskKeys()
+
+
 def batch_mask_keys():
     """Let websockets draw its frame mask keys from a ``MaskKeys`` batch.
 
@@ -257,7 +343,94 @@ def batch_mask_keys():
     from websockets import frames
 
     if not isinstance(frames.secrets, MaskKeys):
-        frames.secrets = MaskKeys()
+        frames.secrets = UPSTREAM_MASK_KEYS
+
+
+def frame_header(length, masked):
+    """An RFC 6455 header for an unfragmented text frame (FIN, opcode 1) of ``length`` bytes."""
+    mask_bit = 0x80 if masked else 0
+    if length < 126:
+        return bytes((0x81, mask_bit | length))
+    if length < 65536:
+        return struct.pack("!BBH", 0x81, mask_bit | 126, length)
+    return struct.pack("!BBQ", 0x81, mask_bit | 127, length)
+
+
+def browser_text_writer(send):
+    """A function ``write(text) -> bool`` that writes a text message to the browser as one
+    frame straight into daphne's Twisted transport; False where it did not (then send the
+    message through ASGI as usual).
+
+    Under daphne, an ASGI ``websocket.send`` goes through ``Server.handle_reply``,
+    ``WebSocketProtocol.handle_reply`` and ``serverSend`` (daphne 4.2.3), then autobahn
+    26.11.1's ``sendMessage``, ``sendFrame`` and ``sendData``: checks and statistics
+    counters around what, for an open connection without compression, an unfragmented
+    message and nothing queued, is one ``transport.write`` of header plus payload (server
+    frames are not masked). This writes that, under exactly those conditions (autobahn's
+    ``state`` open, ``send_state`` ground, no per-message compression, no auto-fragmenting,
+    its ``send_queue`` empty, the message within ``maxMessagePayloadSize``); in every other
+    case, and under any other server, it returns False. autobahn's traffic counters (read by
+    nothing in daphne) are not updated for the frames written here."""
+    protocol = _daphne_protocol(send)
+    if protocol is None or not hasattr(protocol, "sendMessage"):
+        return _not_written
+    from autobahn.websocket.protocol import WebSocketProtocol
+
+    open_state = WebSocketProtocol.STATE_OPEN
+    ground = WebSocketProtocol.SEND_STATE_GROUND
+
+    def write(text):
+        if (
+            protocol.state != open_state
+            or protocol.send_state != ground
+            or protocol._perMessageCompress is not None
+            or protocol.autoFragmentSize
+            or protocol.send_queue
+        ):
+            return False
+        payload = text.encode()
+        if 0 < protocol.maxMessagePayloadSize < len(payload):
+            return False
+        protocol.transport.write(frame_header(len(payload), False) + payload)
+        return True
+
+    return write
+
+
+def _not_written(text):
+    return False
+
+
+async def send_upstream_text(connection, text):
+    """Send ``text`` as one text frame on a websockets 17.4 asyncio client ``connection``.
+
+    ``Connection.send`` wraps every message in an async context manager (``send_context``),
+    serializes a ``Frame`` with its extension hooks and drains: about half of what the relay
+    spends per audio chunk it sends upstream besides the socket write itself. For an open
+    connection with no extension, no fragmented message under way, nothing waiting in the
+    protocol's writes and no paused transport, the frame is the header, a mask key (from
+    ``MaskKeys``, as websockets draws them once ``batch_mask_keys`` ran) and the masked
+    payload (websockets' C ``apply_mask``), written to the transport directly; as
+    ``send_context`` does, a transport the write paused is drained before returning. Every
+    other case goes through ``connection.send``, which raises as it always does."""
+    protocol = connection.protocol
+    transport = connection.transport
+    if (
+        protocol.state is not WS_OPEN
+        or protocol.expect_continuation_frame
+        or protocol.extensions
+        or protocol.writes
+        or connection.send_in_progress is not None
+        or connection.paused
+        or transport.is_closing()
+    ):
+        await connection.send(text)
+        return
+    payload = text.encode()
+    mask = UPSTREAM_MASK_KEYS.token_bytes(4)
+    transport.write(frame_header(len(payload), True) + mask + apply_mask(payload, mask))
+    if connection.paused:
+        await connection.drain()
 
 
 def send_backlog(send):
@@ -276,14 +449,7 @@ def send_backlog(send):
 def backlog_reader(send):
     """A function of no arguments returning ``send_backlog(send)``: the middleware wrappers
     are seen through once, not at every relayed frame."""
-    for _ in range(8):  # unwrap middleware sends down to daphne's own
-        if isinstance(send, functools.partial):
-            break
-        inner = getattr(getattr(send, "__self__", None), "real_send", None)
-        if inner is None:
-            break
-        send = inner
-    protocol = send.args[0] if isinstance(send, functools.partial) and send.args else None
+    protocol = _daphne_protocol(send)
 
     def backlog():
         transport = getattr(protocol, "transport", None)
@@ -293,6 +459,19 @@ def backlog_reader(send):
             return 0
 
     return backlog
+
+
+def _daphne_protocol(send):
+    """daphne's protocol object behind an ASGI ``send`` (seen through the middleware
+    wrappers), or None under another server."""
+    for _ in range(8):  # unwrap middleware sends down to daphne's own
+        if isinstance(send, functools.partial):
+            break
+        inner = getattr(getattr(send, "__self__", None), "real_send", None)
+        if inner is None:
+            break
+        send = inner
+    return send.args[0] if isinstance(send, functools.partial) and send.args else None
 
 
 class ServerShutdown:

@@ -43,7 +43,7 @@ pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(900)]
 
 STEPS = tuple(int(n) for n in os.environ.get("RELAY_BENCH_STEPS", "25,50,100").split(","))
 STEADY_SECONDS = float(os.environ.get("RELAY_BENCH_SECONDS", "10"))
-SERVERS = ("daphne", "uvicorn")
+SERVERS = tuple(os.environ.get("RELAY_BENCH_SERVERS", "daphne,uvicorn").split(","))
 # The floor at the target step: the bare relay peer, stock and (daphne) with DUCK-E's workarounds.
 BARE_RELAY = "tests.benchmarks.peers.bare_relay:application"
 WITH_WORKAROUNDS = "DUCK-E's workarounds"
