@@ -8,6 +8,7 @@ from django.core.asgi import get_asgi_application
 
 django_asgi_app = get_asgi_application()
 
+import gc  # noqa: E402
 import sys  # noqa: E402
 
 from django.core.management import call_command  # noqa: E402
@@ -48,3 +49,9 @@ from quotas.edge import RateLimitEdge  # noqa: E402
 application = ProtocolTypeRouter(
     {"http": RateLimitEdge(django_asgi_app), "websocket": websocket_application()}
 )
+
+# What start-up loaded (Django, the apps, the o200k tokenizer) lives as long as the process:
+# moved out of the garbage collector's sight, a full collection no longer walks it. Here that
+# walk took ~70 ms, a pause of every session's audio whenever the oldest generation was
+# collected; new objects are collected as before.
+gc.freeze()
