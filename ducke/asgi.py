@@ -29,7 +29,9 @@ prepare_process(load_o200k)
 from ducke.server_workarounds import (  # noqa: E402
     allow_server_close_codes,
     batch_mask_keys,
+    offer_text_on_arrival,
     read_whole_text_frames,
+    read_without_log_context,
     speed_up_autobahn_frames,
     write_at_once,
 )
@@ -38,6 +40,8 @@ allow_server_close_codes()
 batch_mask_keys()
 speed_up_autobahn_frames()
 read_whole_text_frames()
+offer_text_on_arrival()
+read_without_log_context()
 write_at_once()
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402

@@ -46,6 +46,8 @@ from ducke.server_workarounds import (
     backlog_reader,
     browser_text_writer,
     send_upstream_text,
+    take_text_on_arrival,
+    write_upstream_text,
 )
 from ducke.tools import TOOL_SCHEMAS, run_tool
 from quotas.caps import Identity
@@ -69,9 +71,10 @@ BOOKING_RETRY_SECONDS = 1.0
 # What browsers (JSON.stringify) and Python (json.dumps) send for an audio chunk. A frame of
 # exactly this shape whose audio is base64 needs no parsing: ``sanitize`` would return it as is.
 _AUDIO_APPEND_UPSTREAM = '{"type": "input_audio_buffer.append", "audio": "%s"}'
+_AUDIO_APPEND_UPSTREAM_BYTES = _AUDIO_APPEND_UPSTREAM.encode()
 _AUDIO_APPEND_PREFIXES = (
-    '{"type":"input_audio_buffer.append","audio":"',
-    _AUDIO_APPEND_UPSTREAM[: _AUDIO_APPEND_UPSTREAM.index("%s")],
+    b'{"type":"input_audio_buffer.append","audio":"',
+    _AUDIO_APPEND_UPSTREAM_BYTES[: _AUDIO_APPEND_UPSTREAM_BYTES.index(b"%s")],
 )
 
 
@@ -80,45 +83,43 @@ def error_event(code, message, error_type="invalid_request_error"):
     return {"type": "error", "error": {"type": error_type, "code": code, "message": message}}
 
 
-def _plain_audio_span(text):
+def _plain_audio_span(data):
     """``(prefix, start, end)``: where the audio of a bare, valid ``input_audio_buffer.append``
-    frame is, read unparsed; None for any other frame."""
+    frame (UTF-8 bytes) is, read unparsed; None for any other frame."""
     for prefix in _AUDIO_APPEND_PREFIXES:
-        if text.startswith(prefix) and text.endswith('"}'):
-            start, end = len(prefix), len(text) - 2
-            if end > start and not (end - start) % 4 and _padded_base64(text, start, end):
+        if data.startswith(prefix) and data.endswith(b'"}'):
+            start, end = len(prefix), len(data) - 2
+            if end > start and not (end - start) % 4 and _padded_base64(data[start:end]):
                 return prefix, start, end
             return None
     return None
 
 
-def _padded_base64(text, start, end):
-    """Whether ``text[start:end]`` is base64 characters then at most two ``=`` (what the
-    regex ``[A-Za-z0-9+/]*={0,2}`` matches), checked in C (``is_base64_alphabet``)."""
-    if not text.isascii():
-        return False
-    audio = text.encode("ascii")[start:end]
+def _padded_base64(audio):
+    """Whether ``audio`` (bytes) is base64 characters then at most two ``=`` (what the regex
+    ``[A-Za-z0-9+/]*={0,2}`` matches), checked in C (``is_base64_alphabet``)."""
     core = audio.rstrip(b"=")
     return len(audio) - len(core) <= 2 and b"=" not in core and is_base64_alphabet(core)
 
 
 def plain_audio_append(text):
     """The audio of a bare, valid ``input_audio_buffer.append`` frame read unparsed, else None."""
-    span = _plain_audio_span(text)
+    span = _plain_audio_span(text.encode())
     return None if span is None else text[span[1] : span[2]]
 
 
-def upstream_audio_append(text):
+def upstream_audio_frame(data):
     """``(pcm16 bytes, frame for upstream)`` of a bare, valid ``input_audio_buffer.append``
-    frame read unparsed, else None. The frame for upstream is what json.dumps writes for the
-    sanitized event: the browser's own text when it came in that form already."""
-    span = _plain_audio_span(text)
+    frame (UTF-8 bytes) read unparsed, else None. The frame for upstream (bytes) is what
+    json.dumps writes for the sanitized event: the browser's own bytes when it came in that
+    form already."""
+    span = _plain_audio_span(data)
     if span is None:
         return None
     prefix, start, end = span
     if prefix is not _AUDIO_APPEND_PREFIXES[-1]:
-        text = _AUDIO_APPEND_UPSTREAM % text[start:end]
-    return base64_bytes(end - start), text
+        data = _AUDIO_APPEND_UPSTREAM_BYTES % data[start:end]
+    return base64_bytes(end - start), data
 
 
 def base64_bytes(chars):
@@ -170,6 +171,7 @@ class SessionConsumer(
         self.max_backlog = int(ducke_settings.MAX_SEND_BACKLOG_BYTES)
         self.backlog = backlog_reader(self.base_send)
         self.write_browser_text = browser_text_writer(self.base_send)
+        take_text_on_arrival(self.base_send, self._take_audio_on_arrival)
         self.max_frame_bytes = int(ducke_settings.MAX_FRAME_BYTES)
         self.upstream = None
         self.meter = None
@@ -279,7 +281,7 @@ class SessionConsumer(
                 end_reason="error",
             )
             return
-        audio = upstream_audio_append(text_data)
+        audio = upstream_audio_frame(text_data.encode())
         if audio is not None:
             # The common frame, checked without a JSON round trip; forwarded byte for byte as
             # json.dumps would have written the sanitized event.
@@ -373,7 +375,27 @@ class SessionConsumer(
             logger.warning("could not release a reservation: %s", exc.__class__.__name__)
         self.lifecycle.not_started()
 
+    def _take_audio_on_arrival(self, payload):
+        """Offered each browser text frame as daphne reads it (``take_text_on_arrival``): a
+        plain audio chunk goes upstream at once, as ``receive`` would send it, while the
+        consumer waits for its next message with nothing being dispatched (the chunk keeps its
+        place among the browser's messages). False leaves the frame to ``receive``."""
+        if (
+            not self.dispatch_idle
+            or len(payload) > self.max_frame_bytes
+            or self.upstream is None
+            or self.lifecycle.closing
+        ):
+            return False
+        audio = upstream_audio_frame(payload)
+        if audio is None or not write_upstream_text(self.upstream, audio[1]):
+            return False
+        self.last_activity = time.monotonic()
+        self.meter.note_input_audio(audio[0])
+        return True
+
     async def _send_upstream(self, text):
+        """Send ``text`` (str, or UTF-8 bytes) upstream; a failure ends the session."""
         try:
             await send_upstream_text(self.upstream, text)
         except Exception as exc:

@@ -6,7 +6,8 @@ websockets 17.4, with the Twisted 26.10.0 and autobahn 26.11.1 that daphne 4.2.3
 (they are not pinned themselves). Each workaround says what it relies on; on another server
 (uvicorn) or without daphne the daphne/Twisted/autobahn ones are no-ops, and the Channels
 ones (``DirectReceiveMixin``, ``DirectDispatchMixin``) and the upstream client's
-(``batch_mask_keys``) work the same under any ASGI server.
+(``batch_mask_keys``, ``send_upstream_text``/``write_upstream_text``) work the same under any
+ASGI server.
 Re-check them when one of these versions moves:
 
 - ``allow_server_close_codes``: autobahn's ``sendClose`` refuses the RFC 6455 server codes
@@ -17,12 +18,24 @@ Re-check them when one of these versions moves:
   CFFI UTF-8 validator, and per frame read or sent it formats a debug line's coloured
   arguments though debug is off; CPython's and websockets' C code do the same work for a
   fraction of the time.
+- ``read_whole_text_frames``: autobahn reads every frame through a chain of eight hooks and
+  a Deferred; a browser's whole unfragmented text frame is read in one step.
+- ``offer_text_on_arrival``/``take_text_on_arrival``: daphne queues every browser message for
+  the application as a dict, and the consumer's task wakes a loop turn later to forward it;
+  the relay takes a plain audio chunk as daphne reads it when nothing waits ahead of it.
+- ``browser_text_writer``: daphne and autobahn wrap a message to the browser in checks and
+  counters around one transport write; the frame is written directly.
+- ``read_without_log_context``: Twisted's asyncio reactor pushes a logging context around
+  every read, for a tag daphne never prints.
 - ``write_at_once``: Twisted's TCP transport buffers every write and sends it on the next
   reactor turn, after registering for writability (two ``epoll_ctl`` calls and a reactor
   callback per relayed message); the bytes go out at once when nothing waits before them.
 - ``batch_mask_keys``: the upstream client (websockets 17.4) draws each frame's 4-byte mask
   key with its own ``getrandom`` system call; the keys come from the same source 4 KiB at a
   time.
+- ``send_upstream_text``/``write_upstream_text``: websockets' ``send`` wraps every message in
+  an async context manager and a ``Frame``; an open plain connection gets header, mask and
+  masked payload written to its transport.
 - ``ServerShutdown``: daphne's SIGTERM path cancels applications and resumes after the first
   one ends, and its own shutdown step can fail before cancelling anything; a reactor
   "before shutdown" trigger and a shared wait end every session properly.
@@ -47,6 +60,7 @@ import os
 import struct
 import sys
 import threading
+import time
 import weakref
 
 from channels.exceptions import StopConsumer
@@ -258,6 +272,42 @@ def read_whole_text_frames():
     WebSocketProtocol.processData = processData
 
 
+def read_without_log_context():
+    """Let Twisted's asyncio reactor (daphne's) call a connection's ``doRead``/``doWrite``
+    without setting up a logging context first; a no-op without Twisted.
+
+    Twisted 26.10.0's ``AsyncioSelectorReactor`` registers every reader and writer with
+    asyncio as ``callWithLogger(selectable, _readOrWrite, ...)``, which asks the selectable for
+    its log prefix and pushes a ``{"system": prefix}`` context (three more calls) around each
+    read, only for legacy log observers to tag what is logged meanwhile. daphne 4.2.3 sends
+    Twisted's log nowhere at its default verbosity and through ``STDLibLogObserver``, which
+    does not print that tag, above it. Here the reactor module's ``callWithLogger`` keeps
+    what else it does: an exception other than ``KeyboardInterrupt`` escaping the call is
+    logged with the selectable's prefix (``_readOrWrite`` itself already disconnects on one)."""
+    try:
+        from twisted.internet import asyncioreactor
+        from twisted.python import log
+    except ImportError:
+        return
+    if getattr(asyncioreactor.callWithLogger, "without_context", False):
+        return
+
+    def callWithLogger(logger, func, *args, **kw):
+        try:
+            return func(*args, **kw)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            try:
+                prefix = logger.logPrefix()
+            except BaseException:
+                prefix = "(buggy logPrefix method)"
+            log.err(system=prefix)
+
+    callWithLogger.without_context = True
+    asyncioreactor.callWithLogger = callWithLogger
+
+
 def write_at_once():
     """Let daphne's TCP connections send a write at once when nothing is buffered before it.
 
@@ -402,7 +452,20 @@ def _not_written(text):
 
 
 async def send_upstream_text(connection, text):
-    """Send ``text`` as one text frame on a websockets 17.4 asyncio client ``connection``.
+    """Send ``text`` (str, or UTF-8 bytes) as one text frame on a websockets 17.4 asyncio
+    client ``connection``: ``write_upstream_text`` where it can, else ``connection.send``,
+    which raises as it always does; as ``send_context`` does, a transport the write paused is
+    drained before returning."""
+    if write_upstream_text(connection, text.encode() if isinstance(text, str) else text):
+        if connection.paused:
+            await connection.drain()
+    else:
+        await connection.send(text, text=True)
+
+
+def write_upstream_text(connection, payload):
+    """Write ``payload`` (UTF-8 bytes) as one text frame on a websockets 17.4 asyncio client
+    ``connection`` now; False, having written nothing, where websockets' own send is needed.
 
     ``Connection.send`` wraps every message in an async context manager (``send_context``),
     serializes a ``Frame`` with its extension hooks and drains: about half of what the relay
@@ -410,9 +473,7 @@ async def send_upstream_text(connection, text):
     connection with no extension, no fragmented message under way, nothing waiting in the
     protocol's writes and no paused transport, the frame is the header, a mask key (from
     ``MaskKeys``, as websockets draws them once ``batch_mask_keys`` ran) and the masked
-    payload (websockets' C ``apply_mask``), written to the transport directly; as
-    ``send_context`` does, a transport the write paused is drained before returning. Every
-    other case goes through ``connection.send``, which raises as it always does."""
+    payload (websockets' C ``apply_mask``), written to the transport directly."""
     protocol = connection.protocol
     transport = connection.transport
     if (
@@ -424,13 +485,58 @@ async def send_upstream_text(connection, text):
         or connection.paused
         or transport.is_closing()
     ):
-        await connection.send(text)
-        return
-    payload = text.encode()
+        return False
     mask = UPSTREAM_MASK_KEYS.token_bytes(4)
     transport.write(frame_header(len(payload), True) + mask + apply_mask(payload, mask))
-    if connection.paused:
-        await connection.drain()
+    return True
+
+
+def take_text_on_arrival(send, receiver):
+    """Under daphne, offer each text message of this connection to ``receiver(payload)``
+    (UTF-8 bytes, valid) as it is read, before daphne queues it for the application; a
+    receiver that returns True has taken it (daphne then queues nothing), False leaves it to
+    the usual ``websocket.receive``. A no-op under another server (``_daphne_protocol``).
+
+    For the relay's audio frames, 10-50 a second per session: daphne 4.2.3's ``onMessage``
+    builds a ``websocket.receive`` dict with the decoded text and puts it on the
+    application's ``asyncio.Queue``; the consumer's task wakes on the next loop turn, and
+    Channels' dispatch reaches ``receive``, which encodes the text again to send it. A
+    receiver that can forward the frame at once does that work in the read callback. The
+    receiver is offered a message only when nothing waits in the application's queue (so
+    messages keep their order) and daphne does not mute the connection; daphne's own
+    ``last_ping`` is kept as ``onMessage`` keeps it. Needs ``offer_text_on_arrival``."""
+    protocol = _daphne_protocol(send)
+    if protocol is not None and hasattr(protocol, "application_queue"):
+        protocol.text_receiver = receiver
+
+
+def offer_text_on_arrival():
+    """Let daphne's ``WebSocketProtocol.onMessage`` offer text messages to a connection's
+    ``text_receiver`` (``take_text_on_arrival``); a no-op without daphne."""
+    try:
+        from daphne.ws_protocol import WebSocketProtocol
+    except ImportError:
+        return
+    on_message = WebSocketProtocol.onMessage
+    if getattr(on_message, "offers_text", False):
+        return
+
+    def onMessage(self, payload, isBinary):
+        receiver = self.text_receiver
+        if (
+            receiver is not None
+            and not isBinary
+            and not self.muted
+            and self.application_queue.empty()
+            and receiver(payload)
+        ):
+            self.last_ping = time.time()
+            return
+        on_message(self, payload, isBinary)
+
+    onMessage.offers_text = True
+    WebSocketProtocol.text_receiver = None
+    WebSocketProtocol.onMessage = onMessage
 
 
 def send_backlog(send):
@@ -603,6 +709,15 @@ class DirectDispatchMixin:
         except StopConsumer:
             pass
 
+    _awaiting_receive = False
+    _dispatch_lock = None
+
+    @property
+    def dispatch_idle(self):
+        """True while the consumer waits for the server's next message with nothing being
+        dispatched (a message taken on arrival then keeps its place among the others)."""
+        return self._awaiting_receive and not self._dispatch_lock.locked()
+
     async def _dispatch_messages(self, receive):
         lock = asyncio.Lock()
         consumer_task = asyncio.current_task()
@@ -625,9 +740,14 @@ class DirectDispatchMixin:
         if self.channel_layer is not None:
             layer = asyncio.ensure_future(from_layer())
             layer.add_done_callback(layer_ended)
+        self._dispatch_lock = lock
         try:
             while not failures:
-                message = await receive()
+                self._awaiting_receive = True
+                try:
+                    message = await receive()
+                finally:
+                    self._awaiting_receive = False
                 async with lock:
                     dispatching = True
                     try:
