@@ -294,6 +294,9 @@ QUOTAS_EVENT_RETENTION_DAYS = _read("QUOTAS_EVENT_RETENTION_DAYS", _int, 90)
 # and how often a running session proves its process alive (stale after 3 of these).
 QUOTAS_SPEND_SWEEP_SECONDS = _read("QUOTAS_SPEND_SWEEP_SECONDS", _float, 300.0)
 QUOTAS_SESSION_HEARTBEAT_SECONDS = _read("QUOTAS_SESSION_HEARTBEAT_SECONDS", _float, 30.0)
+# Threads for the ledger's database calls: sessions' commits overlap on PostgreSQL instead of
+# queueing behind one another (SQLite always uses one).
+QUOTAS_LEDGER_THREADS = _read("QUOTAS_LEDGER_THREADS", _int, 4)
 
 # Realtime upstream.
 OPENAI_API_KEY = env.str("OPENAI_API_KEY", default="").strip()

@@ -44,6 +44,11 @@ QUOTAS_SPEND_SWEEP_SECONDS     how often a process closes sessions left open by 
                                process, default 300; 0 -> never in the background.
 QUOTAS_SESSION_HEARTBEAT_SECONDS  how often a running session proves its process is alive,
                                default 30; a session silent for 3 of these is stale.
+QUOTAS_LEDGER_THREADS          worker threads for the ledger's database calls (holds, settlements,
+                               bookings), default 1: one thread, as Channels'
+                               ``database_sync_to_async``; more (PostgreSQL): that many, each
+                               with its own connection, so sessions' commits overlap instead of
+                               queueing. SQLite always uses one (quotas.ledger_hop).
 QUOTAS_EVENT_FLUSH_SECONDS     how often buffered event counts are written, default 5.0;
                                0 -> no background writer (tests call events.flush()).
 """
@@ -80,6 +85,7 @@ _DEFAULTS = {
     "REFUSAL_VIEW": "",
     "SPEND_SWEEP_SECONDS": 300.0,
     "SESSION_HEARTBEAT_SECONDS": 30.0,
+    "LEDGER_THREADS": 1,
 }
 
 

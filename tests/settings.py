@@ -11,3 +11,6 @@ QUOTAS_KEY_PREFIX = f"quotas-test-{os.getpid()}"
 QUOTAS_EVENT_FLUSH_SECONDS = 0
 # No background stale-session sweep: tests run quotas.sweep themselves.
 QUOTAS_SPEND_SWEEP_SECONDS = 0
+# One ledger thread, as Channels' database hop: tests count its connection checks, and a pool
+# would keep connections to the test database open. tests/test_ledger_hop.py tests the pool.
+QUOTAS_LEDGER_THREADS = 1

@@ -1,10 +1,21 @@
 """The ledger hop tidies connections at most once a second, and at once after an error."""
 
+import asyncio
+import threading
+
 import pytest
+from asgiref.sync import async_to_sync, sync_to_async
 from django.db import connection
 
 from quotas import ledger_hop as hop_module
-from quotas.ledger_hop import forget_tidy, ledger_hop, tidy_connections
+from quotas.ledger_hop import (
+    close_pooled_connections,
+    forget_tidy,
+    ledger_hop,
+    ledger_pool,
+    ledger_threads,
+    tidy_connections,
+)
 
 
 @pytest.fixture
@@ -51,3 +62,71 @@ async def test_hops_within_a_second_check_the_connection_once(tidies, monkeypatc
         assert await ledger_hop(read)() == 0
     # Before and after the first call would be two with channels' hop; here the interval holds.
     assert len(tidies) == 1
+
+
+# The pool (QUOTAS_LEDGER_THREADS): sessions' hops overlap where the database allows it.
+
+
+def hop_threads(count, settings_threads, settings):
+    """A hop function for ``count`` hops started at once: each names its thread once all of
+    them are running, so on fewer threads than hops they cannot all finish (the barrier
+    breaks)."""
+    settings.QUOTAS_LEDGER_THREADS = settings_threads
+    started = threading.Barrier(count, timeout=10)
+
+    def meet():
+        from django.contrib.auth.models import User
+
+        User.objects.exists()  # a query on this thread's own connection
+        started.wait()
+        return threading.current_thread().name
+
+    return meet
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_hops_overlap_on_a_pool_of_threads(settings):
+    if connection.vendor != "postgresql":
+        pytest.skip("the pool serves databases with concurrent writers (CI: PostgreSQL)")
+    meet = hop_threads(3, 3, settings)
+    try:
+        names = await asyncio.gather(*(ledger_hop(meet)() for _ in range(3)))
+    finally:
+        await sync_to_async(close_pooled_connections, thread_sensitive=False)()
+    assert len(set(names)) == 3
+    assert all(name.startswith("ledger") for name in names)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_sqlite_keeps_one_thread_whatever_the_setting(settings):
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite takes one writer at a time")
+    settings.QUOTAS_LEDGER_THREADS = 4
+    assert ledger_threads() == 1
+
+    def name():
+        return threading.current_thread().name
+
+    names = await asyncio.gather(*(ledger_hop(name)() for _ in range(4)))
+    assert len(set(names)) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_below_a_sync_caller_hops_stay_on_its_thread(settings):
+    settings.QUOTAS_LEDGER_THREADS = 4
+
+    def name():
+        return threading.current_thread().name
+
+    async def hop():
+        assert ledger_pool() is None  # hops must see the sync caller's connection
+        return await ledger_hop(name)()
+
+    assert async_to_sync(hop)() == threading.current_thread().name
+
+
+@pytest.mark.parametrize(("value", "threads"), [(4, 4), ("3", 3), (0, 1), ("many", 1), (None, 1)])
+def test_the_setting_is_read_safely(settings, monkeypatch, value, threads):
+    monkeypatch.setattr(connection, "vendor", "postgresql")
+    settings.QUOTAS_LEDGER_THREADS = value
+    assert ledger_threads() == threads
