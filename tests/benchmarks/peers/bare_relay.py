@@ -6,10 +6,14 @@ same client and options as DUCK-E's relay (``websockets``, no compression) and f
 text frame both ways as it came: no Django, Channels, session, quota, meter or parsing. What
 the relay benchmark measures for it is what the ASGI server and the upstream client cost by
 themselves for the same traffic; DUCK-E's relay above that is its own work.
-``BARE_RELAY_WORKAROUNDS=1`` applies DUCK-E's server and client workarounds first
-(``ducke.server_workarounds``: ``speed_up_autobahn_frames``, ``write_at_once``,
-``batch_mask_keys``), as DUCK-E's ASGI module does, so that the floor runs on the same server
-and client code as DUCK-E.
+``BARE_RELAY_WORKAROUNDS=1`` applies DUCK-E's server and client workarounds first, as
+DUCK-E's ASGI module does (``ducke.server_workarounds``: ``speed_up_autobahn_frames``,
+``read_whole_text_frames``, ``offer_text_on_arrival``, ``read_without_log_context``,
+``write_at_once``, ``batch_mask_keys``), and relays the way DUCK-E's consumer does: a browser
+frame is written upstream as daphne reads it while the relay waits for its next message
+(``take_text_on_arrival``, ``write_upstream_text``), upstream sends go through
+``send_upstream_text`` and frames to the browser through ``browser_text_writer``. The floor
+then runs on the same server and client code as DUCK-E.
 """
 
 import asyncio
@@ -22,10 +26,25 @@ from websockets.asyncio.client import connect
 UPSTREAM = os.environ.get("BARE_RELAY_UPSTREAM", "")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
-if os.environ.get("BARE_RELAY_WORKAROUNDS") == "1":
-    from ducke.server_workarounds import batch_mask_keys, speed_up_autobahn_frames, write_at_once
+WORKAROUNDS = os.environ.get("BARE_RELAY_WORKAROUNDS") == "1"
+if WORKAROUNDS:
+    from ducke.server_workarounds import (
+        batch_mask_keys,
+        browser_text_writer,
+        offer_text_on_arrival,
+        read_whole_text_frames,
+        read_without_log_context,
+        send_upstream_text,
+        speed_up_autobahn_frames,
+        take_text_on_arrival,
+        write_at_once,
+        write_upstream_text,
+    )
 
     speed_up_autobahn_frames()
+    read_whole_text_frames()
+    offer_text_on_arrival()
+    read_without_log_context()
     write_at_once()
     batch_mask_keys()
 
@@ -47,20 +66,31 @@ async def application(scope, receive, send):
         f"{UPSTREAM}?{urlencode({'model': model})}", compression=None, max_size=MAX_MESSAGE_BYTES
     )
     await send({"type": "websocket.accept"})
+    write_browser = browser_text_writer(send) if WORKAROUNDS else None
+    waiting = [False]  # for the next message, nothing being forwarded: frames keep their order
+    if WORKAROUNDS:
+        take_text_on_arrival(
+            send, lambda payload: waiting[0] and write_upstream_text(upstream, payload)
+        )
 
     async def downstream():
         async for frame in upstream:
-            if isinstance(frame, str):
+            if isinstance(frame, str) and not (write_browser and write_browser(frame)):
                 await send({"type": "websocket.send", "text": frame})
 
     forwarding = asyncio.ensure_future(downstream())
     try:
         while True:
+            waiting[0] = True
             message = await receive()
+            waiting[0] = False
             if message["type"] != "websocket.receive":
                 break
             if message.get("text") is not None:
-                await upstream.send(message["text"])
+                if WORKAROUNDS:
+                    await send_upstream_text(upstream, message["text"])
+                else:
+                    await upstream.send(message["text"])
     finally:
         forwarding.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
