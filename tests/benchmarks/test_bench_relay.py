@@ -22,6 +22,8 @@ only on correctness: frames dropped or reordered (answer audio short of what was
 included), or sessions without answers (could not connect, no answer, unfinished answer).
 ``RELAY_BENCH_STEPS=25,50,100`` (default) and ``RELAY_BENCH_SECONDS=10`` change the ramp; steps
 above 100 run only for a server that met the target at the step before.
+``RELAY_BENCH_SERVERS=daphne`` measures one server (default ``daphne,uvicorn``) and
+``RELAY_BENCH_FLOORS=0`` skips the bare-relay floor.
 """
 
 import asyncio
