@@ -160,18 +160,24 @@ def test_check_warns_about_a_shared_database_without_redis(settings):
     )
 
 
-def manage_check(**env):
-    """Run ``manage.py check`` in a fresh process with the given environment variables."""
+def in_fresh_process(args, timeout=60, **env):
+    """Run ``python *args`` from the project root in a fresh process on DUCK-E's settings,
+    without the shell's database and Redis, plus ``env``."""
     clean = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
     clean.update(DJANGO_SETTINGS_MODULE="ducke.settings", PYTHONWARNINGS="ignore", **env)
     return subprocess.run(
-        [sys.executable, "manage.py", "check"],
+        [sys.executable, *args],
         cwd=ROOT,
         env=clean,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
+
+
+def manage_check(**env):
+    """Run ``manage.py check`` in a fresh process with the given environment variables."""
+    return in_fresh_process(["manage.py", "check"], **env)
 
 
 @pytest.mark.parametrize(
@@ -220,23 +226,12 @@ def test_good_environment_starts():
 def test_the_server_process_freezes_what_start_up_loaded(tmp_path):
     """ducke.asgi ends with gc.freeze(): a full collection no longer walks Django, the apps
     and the tokenizer (~70 ms a walk here), only what sessions created since."""
-    clean = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
-    clean.update(
-        DJANGO_SETTINGS_MODULE="ducke.settings",
-        PYTHONWARNINGS="ignore",
-        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
-    )
     probe = (
         "import gc; before = gc.get_freeze_count(); import ducke.asgi; "
         "print(before, gc.get_freeze_count(), len(gc.get_objects()))"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=ROOT,
-        env=clean,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = in_fresh_process(
+        ["-c", probe], timeout=120, DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}"
     )
     assert result.returncode == 0, result.stderr[-2000:]
     before, frozen, tracked = map(int, result.stdout.split()[-3:])
