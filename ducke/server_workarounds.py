@@ -6,8 +6,8 @@ websockets 17.4, with the Twisted 26.10.0 and autobahn 26.11.1 that daphne 4.2.3
 (they are not pinned themselves). Each workaround says what it relies on; on another server
 (uvicorn) or without daphne the daphne/Twisted/autobahn ones are no-ops, and the Channels
 ones (``DirectReceiveMixin``, ``DirectDispatchMixin``) and the upstream client's
-(``batch_mask_keys``, ``send_upstream_text``/``write_upstream_text``) work the same under any
-ASGI server.
+(``batch_mask_keys``, ``send_upstream_text``/``write_upstream_text``, ``UpstreamConnection``)
+work the same under any ASGI server.
 Re-check them when one of these versions moves:
 
 - ``allow_server_close_codes``: autobahn's ``sendClose`` refuses the RFC 6455 server codes
@@ -36,6 +36,9 @@ Re-check them when one of these versions moves:
 - ``send_upstream_text``/``write_upstream_text``: websockets' ``send`` wraps every message in
   an async context manager and a ``Frame``; an open plain connection gets header, mask and
   masked payload written to its transport.
+- ``UpstreamConnection``: websockets reads every frame through a generator parser; a whole
+  plain text frame from upstream goes to the message assembler directly (0.42 times websockets'
+  time per 100 ms audio delta: tests/benchmarks/test_bench_upstream_frames.py).
 - ``ServerShutdown``: daphne's SIGTERM path cancels applications and resumes after the first
   one ends, and its own shutdown step can fail before cancelling anything; a reactor
   "before shutdown" trigger and a shared wait end every session properly.
@@ -66,6 +69,9 @@ import weakref
 from channels.exceptions import StopConsumer
 from channels.layers import get_channel_layer
 from channels.sessions import InstanceSessionWrapper
+from websockets.asyncio.client import ClientConnection
+from websockets.frames import Frame, Opcode
+from websockets.protocol import CONNECTING as CONNECTING_STATE
 from websockets.protocol import OPEN as WS_OPEN
 from websockets.speedups import apply_mask
 
@@ -489,6 +495,97 @@ def write_upstream_text(connection, payload):
     mask = UPSTREAM_MASK_KEYS.token_bytes(4)
     transport.write(frame_header(len(payload), True) + mask + apply_mask(payload, mask))
     return True
+
+
+class UpstreamConnection(ClientConnection):
+    """websockets 17.4's asyncio client connection that hands whole text frames to the
+    message assembler itself; ``connect(..., create_connection=UpstreamConnection)``.
+
+    Per frame websockets' ``data_received`` feeds a generator parser (``Frame.parse`` over a
+    ``StreamReader``, a ``Frame`` built with its checks) and then the events loop; a server's
+    text frame needs its header read and its payload sliced. Once the opening handshake is
+    over, this connection keeps what it received until a frame is whole: an unfragmented,
+    unmasked text frame without RSV bits within the message size limit, with no fragmented
+    message under way and no extension, goes to the assembler as websockets would put it
+    there (``recv`` decodes and checks its UTF-8 as before); every other frame (control
+    frames, fragments, binary, anything malformed) is fed to websockets whole, so its parser
+    only ever sees frame boundaries and its checks and failures stay its own
+    (tests/test_upstream_connection.py feeds both the same streams)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending = b""  # received bytes not yet handed on: a partial frame
+        self._frames_whole = False  # on once the handshake is over, off for good on a doubt
+
+    def data_received(self, data):
+        if not self._frames_whole:
+            if self.protocol.state is not CONNECTING_STATE or self._pending is None:
+                super().data_received(data)
+                return
+            data = self._pending + data
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                self._pending = data  # the response head is not whole yet
+                return
+            self._pending = None  # from now on: websockets' own reading, unless...
+            super().data_received(data[: end + 4])
+            if self.protocol.state is WS_OPEN and not self.protocol.extensions:
+                self._frames_whole, self._pending = True, b""  # ...frames start on a boundary
+                data = data[end + 4 :]
+            else:
+                data = data[end + 4 :]
+                if data:
+                    super().data_received(data)
+                return
+            if not data:
+                return
+        buffer = self._pending + data if self._pending else data
+        start, size = 0, len(buffer)
+        protocol = self.protocol
+        while size - start >= 2:
+            first, second = buffer[start], buffer[start + 1]
+            length = second & 0x7F
+            header = 2
+            if length == 126:
+                if size - start < 4:
+                    break
+                length = (buffer[start + 2] << 8) | buffer[start + 3]
+                header = 4
+            elif length == 127:
+                if size - start < 10:
+                    break
+                length = int.from_bytes(buffer[start + 2 : start + 10], "big")
+                header = 10
+            if second & 0x80:
+                header += 4  # masked: a server must not; websockets fails it
+            limit = protocol.max_message_size
+            if limit is not None and length > limit:
+                # websockets fails such a frame at its header: hand it all on now.
+                self._frames_whole = False
+                self._pending = None
+                super().data_received(buffer[start:])
+                return
+            end = start + header + length
+            if end > size:
+                break
+            if (
+                first == 0x81  # FIN, no RSV, text
+                and not second & 0x80
+                and protocol.state is WS_OPEN
+                and protocol.current_size is None
+                and (protocol.max_fragment_size is None or length <= protocol.max_fragment_size)
+            ):
+                self.recv_messages.put(Frame(Opcode.TEXT, buffer[start + header : end]))
+            else:
+                super().data_received(buffer[start:end])
+            start = end
+        self._pending = buffer[start:] if start < size else b""
+
+    def eof_received(self):
+        if self._pending:  # a partial frame or response head: websockets reports it
+            pending, self._pending, self._frames_whole = self._pending, None, False
+            super().data_received(pending)
+        return super().eof_received()
 
 
 def take_text_on_arrival(send, receiver):

@@ -15,6 +15,7 @@ from django.conf import settings
 from websockets.asyncio.client import connect
 
 from ducke.conf import ducke_settings
+from ducke.server_workarounds import UpstreamConnection
 
 OPENAI_REALTIME_URL = "wss://api.openai.com/v1/realtime"
 SIMULATOR_PATH = "/simulator/v1/realtime"
@@ -55,6 +56,7 @@ async def open_upstream(scope, model, *, open_timeout):
     """Open the upstream WebSocket; raises OSError/websockets errors/TimeoutError on failure."""
     return await connect(
         upstream_url(scope, model),
+        create_connection=UpstreamConnection,
         additional_headers=upstream_headers(),
         open_timeout=open_timeout,
         close_timeout=2,
