@@ -21,8 +21,11 @@ The upstream read path never waits for the ledger: audio deltas are read without
 (``ducke.realtime.upstream.read_audio_delta``), and the bookings it meets (a response's
 settlement at ``response.done``, input transcriptions) run in turn in tasks while later events
 keep flowing to the browser. The response lifecycle (``ducke.response_lifecycle``) keeps the
-next reservation waiting until they are over, and the session's end too (bounded). Where
-the relay reaches into daphne, Twisted or Channels: ``ducke.server_workarounds``.
+next reservation waiting until they are over, and the session's end too (bounded). Under
+daphne, a browser's plain audio chunk goes upstream as daphne reads it, while the consumer
+waits for its next message (``_take_audio_on_arrival``); anything else comes through
+``receive``. Where the relay reaches into daphne, Twisted, Channels or websockets:
+``ducke.server_workarounds``.
 The quotas app guards the connection before this consumer runs
 (``quotas.guards.ConnectionGuard``: rate limit, concurrent sessions, hourly cap, breaker).
 """
