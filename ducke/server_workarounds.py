@@ -37,8 +37,8 @@ Re-check them when one of these versions moves:
   an async context manager and a ``Frame``; an open plain connection gets header, mask and
   masked payload written to its transport.
 - ``UpstreamConnection``: websockets reads every frame through a generator parser; a whole
-  plain text frame from upstream goes to the message assembler directly (0.42 times websockets'
-  time per 100 ms audio delta: tests/benchmarks/test_bench_upstream_frames.py).
+  plain text frame from upstream goes to the message assembler directly (0.42-0.47 times
+  websockets' time per 100 ms audio delta: tests/benchmarks/test_bench_upstream_frames.py).
 - ``ServerShutdown``: daphne's SIGTERM path cancels applications and resumes after the first
   one ends, and its own shutdown step can fail before cancelling anything; a reactor
   "before shutdown" trigger and a shared wait end every session properly.

@@ -18,6 +18,7 @@ from websockets.frames import Frame, Opcode
 
 from ducke.server_workarounds import read_whole_text_frames, speed_up_autobahn_frames
 from tests.fixtures.autobahn_protocol import Recorder, open_protocol
+from tests.fixtures.frame_streams import cut, with_rsv1
 
 read_whole_text_frames()
 speed_up_autobahn_frames()  # as under daphne (ducke.asgi installs both)
@@ -38,11 +39,6 @@ class AutobahnsOwn(Messages):
 
 def masked(opcode, payload, fin=True):
     return Frame(opcode, payload, fin=fin).serialize(mask=True, extensions=[])
-
-
-def with_rsv1(frame):
-    """The frame with its RSV1 bit set (no extension was negotiated: a violation)."""
-    return bytes((frame[0] | 0x40,)) + frame[1:]
 
 
 def non_minimal(payload):
@@ -73,15 +69,6 @@ FRAMES = st.one_of(
     TEXT.filter(lambda payload: len(payload) < 126).map(non_minimal),
     st.just(masked(Opcode.CONT, b"stray")),
 )
-
-
-def cut(data, points):
-    points = sorted({p % (len(data) + 1) for p in points})
-    pieces, start = [], 0
-    for point in [*points, len(data)]:
-        pieces.append(data[start:point])
-        start = point
-    return [piece for piece in pieces if piece]
 
 
 def read(protocol_class, stream, points, **options):

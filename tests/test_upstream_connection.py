@@ -20,11 +20,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Opcode
 
 from ducke.server_workarounds import UpstreamConnection
+from tests.fixtures.frame_streams import cut, with_rsv1
 from tests.fixtures.upstream_connection import MAX_SIZE, open_upstream_connection, server_frame
-
-
-def with_rsv1(frame):
-    return bytes((frame[0] | 0x40,)) + frame[1:]
 
 
 def non_minimal(payload):
@@ -60,15 +57,6 @@ FRAMES = st.one_of(
     TEXT.filter(lambda payload: len(payload) < 126).map(non_minimal),
     st.just(server_frame(Opcode.CONT, b"stray")),
 )
-
-
-def cut(data, points):
-    points = sorted({p % (len(data) + 1) for p in points})
-    pieces, start = [], 0
-    for point in [*points, len(data)]:
-        pieces.append(data[start:point])
-        start = point
-    return [piece for piece in pieces if piece]
 
 
 async def read(connection_class, frames, points, truncate):

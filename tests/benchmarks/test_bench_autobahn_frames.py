@@ -34,22 +34,13 @@ def measure(sped_up):
 
         speed_up_autobahn_frames()
     from tests.fixtures.autobahn_protocol import client_frames, open_protocol
+    from tests.fixtures.frame_streams import audio_delta_json
 
     protocol, transport, messages = open_protocol()
     audio = base64.b64encode(os.urandom(2880)).decode()  # 60 ms of 24 kHz pcm16
     append = json.dumps({"type": "input_audio_buffer.append", "audio": audio}).encode()
     wire = [client_frames([append]) for _ in range(100)]
-    delta = json.dumps(
-        {
-            "type": "response.output_audio.delta",
-            "event_id": "event_8d0f1c2b3a4e5f607182",
-            "response_id": "resp_0a1b2c3d4e5f60718293",
-            "item_id": "item_0a1b2c3d4e5f60718293",
-            "output_index": 0,
-            "content_index": 0,
-            "delta": base64.b64encode(os.urandom(4800)).decode(),  # 100 ms
-        }
-    ).encode()
+    delta = audio_delta_json()
     clock = time.perf_counter_ns
     started = clock()
     for index in range(FRAMES):

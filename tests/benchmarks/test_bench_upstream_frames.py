@@ -10,9 +10,6 @@ ratio UpstreamConnection / websockets of the same rounds. Reported, never assert
 """
 
 import asyncio
-import base64
-import json
-import os
 import statistics
 import time
 
@@ -21,6 +18,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.frames import Opcode
 
 from ducke.server_workarounds import UpstreamConnection
+from tests.fixtures.frame_streams import audio_delta_json
 from tests.fixtures.upstream_connection import open_upstream_connection, server_frame
 
 pytestmark = pytest.mark.benchmark
@@ -30,16 +28,7 @@ FRAMES = 3000
 
 
 def delta_frame():
-    event = {
-        "type": "response.output_audio.delta",
-        "event_id": "event_8d0f1c2b3a4e5f607182",
-        "response_id": "resp_0a1b2c3d4e5f60718293",
-        "item_id": "item_0a1b2c3d4e5f60718293",
-        "output_index": 0,
-        "content_index": 0,
-        "delta": base64.b64encode(os.urandom(4800)).decode(),  # 100 ms of 24 kHz pcm16
-    }
-    return server_frame(Opcode.TEXT, json.dumps(event).encode())
+    return server_frame(Opcode.TEXT, audio_delta_json())
 
 
 async def microseconds_per_frame(connection_class, wire):
