@@ -514,56 +514,52 @@ class UpstreamConnection(ClientConnection):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._pending = b""  # received bytes not yet handed on: a partial frame
-        self._frames_whole = False  # on once the handshake is over, off for good on a doubt
+        # Received bytes not handed on yet (the response head, then a partial frame); None
+        # once websockets reads everything itself (a refused handshake, an extension, a frame
+        # over the size limit, the end of the stream).
+        self._pending = b""
 
     def data_received(self, data):
-        if not self._frames_whole:
-            if self.protocol.state is not CONNECTING_STATE or self._pending is None:
-                super().data_received(data)
-                return
+        if self._pending is None:
+            super().data_received(data)
+            return
+        if self._pending:
             data = self._pending + data
+        if self.protocol.state is CONNECTING_STATE:
             end = data.find(b"\r\n\r\n")
             if end < 0:
                 self._pending = data  # the response head is not whole yet
                 return
-            self._pending = None  # from now on: websockets' own reading, unless...
             super().data_received(data[: end + 4])
-            if self.protocol.state is WS_OPEN and not self.protocol.extensions:
-                self._frames_whole, self._pending = True, b""  # ...frames start on a boundary
-                data = data[end + 4 :]
-            else:
-                data = data[end + 4 :]
+            data = data[end + 4 :]
+            if self.protocol.state is not WS_OPEN or self.protocol.extensions:
+                self._pending = None
                 if data:
                     super().data_received(data)
                 return
-            if not data:
-                return
-        buffer = self._pending + data if self._pending else data
-        start, size = 0, len(buffer)
+        start, size = 0, len(data)
         protocol = self.protocol
         while size - start >= 2:
-            first, second = buffer[start], buffer[start + 1]
+            first, second = data[start], data[start + 1]
             length = second & 0x7F
             header = 2
             if length == 126:
                 if size - start < 4:
                     break
-                length = (buffer[start + 2] << 8) | buffer[start + 3]
+                length = (data[start + 2] << 8) | data[start + 3]
                 header = 4
             elif length == 127:
                 if size - start < 10:
                     break
-                length = int.from_bytes(buffer[start + 2 : start + 10], "big")
+                length = int.from_bytes(data[start + 2 : start + 10], "big")
                 header = 10
             if second & 0x80:
                 header += 4  # masked: a server must not; websockets fails it
             limit = protocol.max_message_size
             if limit is not None and length > limit:
                 # websockets fails such a frame at its header: hand it all on now.
-                self._frames_whole = False
                 self._pending = None
-                super().data_received(buffer[start:])
+                super().data_received(data[start:])
                 return
             end = start + header + length
             if end > size:
@@ -575,15 +571,15 @@ class UpstreamConnection(ClientConnection):
                 and protocol.current_size is None
                 and (protocol.max_fragment_size is None or length <= protocol.max_fragment_size)
             ):
-                self.recv_messages.put(Frame(Opcode.TEXT, buffer[start + header : end]))
+                self.recv_messages.put(Frame(Opcode.TEXT, data[start + header : end]))
             else:
-                super().data_received(buffer[start:end])
+                super().data_received(data[start:end])
             start = end
-        self._pending = buffer[start:] if start < size else b""
+        self._pending = data[start:] if start < size else b""
 
     def eof_received(self):
         if self._pending:  # a partial frame or response head: websockets reports it
-            pending, self._pending, self._frames_whole = self._pending, None, False
+            pending, self._pending = self._pending, None
             super().data_received(pending)
         return super().eof_received()
 
