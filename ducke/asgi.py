@@ -26,23 +26,9 @@ from quotas.startup import prepare_process  # noqa: E402
 
 prepare_process(load_o200k)
 
-from ducke.server_workarounds import (  # noqa: E402
-    allow_server_close_codes,
-    batch_mask_keys,
-    offer_text_on_arrival,
-    read_whole_text_frames,
-    read_without_log_context,
-    speed_up_autobahn_frames,
-    write_at_once,
-)
+from ducke.server_workarounds import apply_server_workarounds  # noqa: E402
 
-allow_server_close_codes()
-batch_mask_keys()
-speed_up_autobahn_frames()
-read_whole_text_frames()
-offer_text_on_arrival()
-read_without_log_context()
-write_at_once()
+apply_server_workarounds()
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 

@@ -110,6 +110,19 @@ def allow_server_close_codes():
     WebSocketProtocol.serverClose = server_close
 
 
+def apply_server_workarounds():
+    """Install every process-wide workaround below (each idempotent, each a no-op where its
+    library is missing): what ``ducke.asgi`` runs before serving, and what the relay
+    benchmark's bare floor runs to stand on the same server and client code."""
+    allow_server_close_codes()
+    batch_mask_keys()
+    speed_up_autobahn_frames()
+    read_whole_text_frames()
+    offer_text_on_arrival()
+    read_without_log_context()
+    write_at_once()
+
+
 class FrameUnmasker:
     """autobahn's XOR masker interface (``pointer``, ``reset``, ``process``) over websockets'
     C ``apply_mask``.

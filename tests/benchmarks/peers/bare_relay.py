@@ -7,13 +7,11 @@ text frame both ways as it came: no Django, Channels, session, quota, meter or p
 the relay benchmark measures for it is what the ASGI server and the upstream client cost by
 themselves for the same traffic; DUCK-E's relay above that is its own work.
 ``BARE_RELAY_WORKAROUNDS=1`` applies DUCK-E's server and client workarounds first, as
-DUCK-E's ASGI module does (``ducke.server_workarounds``: ``speed_up_autobahn_frames``,
-``read_whole_text_frames``, ``offer_text_on_arrival``, ``read_without_log_context``,
-``write_at_once``, ``batch_mask_keys``), and relays the way DUCK-E's consumer does: a browser
-frame is written upstream as daphne reads it while the relay waits for its next message
-(``take_text_on_arrival``, ``write_upstream_text``), upstream sends go through
-``send_upstream_text`` and frames to the browser through ``browser_text_writer``. The floor
-then runs on the same server and client code as DUCK-E.
+DUCK-E's ASGI module does (``ducke.server_workarounds.apply_server_workarounds``), and relays
+the way DUCK-E's consumer does: a browser frame is written upstream as daphne reads it while
+the relay waits for its next message (``take_text_on_arrival``, ``write_upstream_text``),
+upstream sends go through ``send_upstream_text`` and frames to the browser through
+``browser_text_writer``. The floor then runs on the same server and client code as DUCK-E.
 """
 
 import asyncio
@@ -29,24 +27,14 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 WORKAROUNDS = os.environ.get("BARE_RELAY_WORKAROUNDS") == "1"
 if WORKAROUNDS:
     from ducke.server_workarounds import (
-        batch_mask_keys,
+        apply_server_workarounds,
         browser_text_writer,
-        offer_text_on_arrival,
-        read_whole_text_frames,
-        read_without_log_context,
         send_upstream_text,
-        speed_up_autobahn_frames,
         take_text_on_arrival,
-        write_at_once,
         write_upstream_text,
     )
 
-    speed_up_autobahn_frames()
-    read_whole_text_frames()
-    offer_text_on_arrival()
-    read_without_log_context()
-    write_at_once()
-    batch_mask_keys()
+    apply_server_workarounds()
 
 
 async def application(scope, receive, send):
