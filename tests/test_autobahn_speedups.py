@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ducke.server_workarounds import FrameUnmasker, Utf8Check, speed_up_autobahn_frames
-from tests.fixtures.autobahn_protocol import client_frames, open_protocol
+from tests.fixtures.autobahn_protocol import open_protocol
+from tests.fixtures.frame_streams import text_message
 
 
 def split(data, cuts):
@@ -85,7 +86,7 @@ def test_autobahn_reads_fragmented_masked_messages_whole(autobahn_sped_up):
     ).encode()
     cut = text.index("\u2603".encode()) + 1  # a fragment ends inside a code point
     hex_text = os.urandom(2000).hex().encode()
-    wire = client_frames([text[:cut], text[cut:]]) + client_frames([hex_text])
+    wire = text_message([text[:cut], text[cut:]], mask=True) + text_message([hex_text], mask=True)
     for piece in split(wire, range(0, len(wire), 1400)):  # TCP reads of any size
         protocol.dataReceived(piece)
     assert messages[0] == text
@@ -95,7 +96,7 @@ def test_autobahn_reads_fragmented_masked_messages_whole(autobahn_sped_up):
 
 def test_autobahn_fails_a_connection_that_sends_invalid_utf8(autobahn_sped_up):
     protocol, transport, messages = open_protocol()
-    protocol.dataReceived(client_frames([b'{"type": "x", "text": "ok\xc3(" }']))
+    protocol.dataReceived(text_message([b'{"type": "x", "text": "ok\xc3(" }'], mask=True))
     assert messages == []
     assert transport.disconnecting  # dropped (autobahn's failByDrop), as without the helpers
     assert "invalid UTF-8" in protocol.wasNotCleanReason
@@ -110,7 +111,7 @@ def test_autobahn_colours_no_debug_arguments_per_frame(autobahn_sped_up, monkeyp
 
     monkeypatch.setattr(autobahn.util, "hl", no_colouring)
     protocol, transport, messages = open_protocol()
-    protocol.dataReceived(client_frames([b'{"type": "input_audio_buffer.append"}']))
+    protocol.dataReceived(text_message([b'{"type": "input_audio_buffer.append"}'], mask=True))
     protocol.sendMessage(b'{"type": "response.output_audio.delta"}', False)
     assert messages == [b'{"type": "input_audio_buffer.append"}']
     assert transport.value().endswith(b'{"type": "response.output_audio.delta"}')

@@ -14,11 +14,11 @@ import pytest
 from autobahn.websocket.protocol import WebSocketProtocol
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from websockets.frames import Frame, Opcode
+from websockets.frames import Opcode
 
 from ducke.server_workarounds import read_whole_text_frames, speed_up_autobahn_frames
 from tests.fixtures.autobahn_protocol import Recorder, open_protocol
-from tests.fixtures.frame_streams import cut, with_rsv1
+from tests.fixtures.frame_streams import cut, frame, text_message, with_rsv1
 
 read_whole_text_frames()
 speed_up_autobahn_frames()  # as under daphne (ducke.asgi installs both)
@@ -38,7 +38,7 @@ class AutobahnsOwn(Messages):
 
 
 def masked(opcode, payload, fin=True):
-    return Frame(opcode, payload, fin=fin).serialize(mask=True, extensions=[])
+    return frame(opcode, payload, fin, mask=True)
 
 
 def non_minimal(payload):
@@ -53,18 +53,12 @@ FRAMES = st.one_of(
     TEXT.map(lambda payload: masked(Opcode.TEXT, payload)),  # what browsers send
     st.binary(min_size=126, max_size=3000).map(lambda b: masked(Opcode.TEXT, b.hex().encode())),
     st.binary(max_size=200).map(lambda payload: masked(Opcode.BINARY, payload)),
-    st.lists(TEXT, min_size=2, max_size=3).map(
-        lambda parts: (
-            masked(Opcode.TEXT, parts[0], fin=False)
-            + b"".join(masked(Opcode.CONT, part, fin=False) for part in parts[1:-1])
-            + masked(Opcode.CONT, parts[-1])
-        )
-    ),
+    st.lists(TEXT, min_size=2, max_size=3).map(lambda parts: text_message(parts, mask=True)),
     st.binary(max_size=20).map(lambda payload: masked(Opcode.PING, payload)),
     st.binary(max_size=20).map(lambda payload: masked(Opcode.PONG, payload)),
     st.just(masked(Opcode.CLOSE, struct.pack("!H", 1000))),
     st.binary(min_size=1, max_size=30).map(lambda b: masked(Opcode.TEXT, b"ok\xc3" + b)),
-    TEXT.map(lambda payload: Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])),
+    TEXT.map(lambda payload: frame(Opcode.TEXT, payload)),
     TEXT.map(lambda payload: with_rsv1(masked(Opcode.TEXT, payload))),
     TEXT.filter(lambda payload: len(payload) < 126).map(non_minimal),
     st.just(masked(Opcode.CONT, b"stray")),

@@ -20,8 +20,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Opcode
 
 from ducke.server_workarounds import UpstreamConnection
-from tests.fixtures.frame_streams import cut, with_rsv1
-from tests.fixtures.upstream_connection import MAX_SIZE, open_upstream_connection, server_frame
+from tests.fixtures.frame_streams import cut, frame, text_message, with_rsv1
+from tests.fixtures.upstream_connection import MAX_SIZE, open_upstream_connection
 
 
 def non_minimal(payload):
@@ -31,31 +31,23 @@ def non_minimal(payload):
 
 TEXT = st.text(max_size=200).map(str.encode)
 FRAMES = st.one_of(
-    TEXT.map(lambda payload: server_frame(Opcode.TEXT, payload)),  # what upstream sends
-    st.integers(126, 2000).map(lambda n: server_frame(Opcode.TEXT, b"d" * n)),
-    st.just(server_frame(Opcode.TEXT, b"e" * 65_536)),  # a 64-bit length
-    st.just(server_frame(Opcode.TEXT, b"f" * (MAX_SIZE + 1))),  # over the limit
-    st.binary(max_size=100).map(lambda payload: server_frame(Opcode.BINARY, payload)),
-    st.lists(TEXT, min_size=2, max_size=3).map(
-        lambda parts: (
-            server_frame(Opcode.TEXT, parts[0], fin=False)
-            + b"".join(server_frame(Opcode.CONT, part, fin=False) for part in parts[1:-1])
-            + server_frame(Opcode.CONT, parts[-1])
-        )
-    ),
+    TEXT.map(lambda payload: frame(Opcode.TEXT, payload)),  # what upstream sends
+    st.integers(126, 2000).map(lambda n: frame(Opcode.TEXT, b"d" * n)),
+    st.just(frame(Opcode.TEXT, b"e" * 65_536)),  # a 64-bit length
+    st.just(frame(Opcode.TEXT, b"f" * (MAX_SIZE + 1))),  # over the limit
+    st.binary(max_size=100).map(lambda payload: frame(Opcode.BINARY, payload)),
+    st.lists(TEXT, min_size=2, max_size=3).map(lambda parts: text_message(parts, mask=False)),
     st.tuples(TEXT, TEXT).map(  # a new message inside a fragmented one: a violation
-        lambda parts: (
-            server_frame(Opcode.TEXT, parts[0], fin=False) + server_frame(Opcode.TEXT, parts[1])
-        )
+        lambda parts: frame(Opcode.TEXT, parts[0], fin=False) + frame(Opcode.TEXT, parts[1])
     ),
-    st.binary(max_size=20).map(lambda payload: server_frame(Opcode.PING, payload)),
-    st.binary(max_size=20).map(lambda payload: server_frame(Opcode.PONG, payload)),
-    st.just(server_frame(Opcode.CLOSE, struct.pack("!H", 1000) + b"bye")),
-    st.binary(min_size=1, max_size=8).map(lambda b: server_frame(Opcode.TEXT, b"ok\xc3" + b)),
-    TEXT.map(lambda payload: server_frame(Opcode.TEXT, payload, mask=True)),
-    TEXT.map(lambda payload: with_rsv1(server_frame(Opcode.TEXT, payload))),
+    st.binary(max_size=20).map(lambda payload: frame(Opcode.PING, payload)),
+    st.binary(max_size=20).map(lambda payload: frame(Opcode.PONG, payload)),
+    st.just(frame(Opcode.CLOSE, struct.pack("!H", 1000) + b"bye")),
+    st.binary(min_size=1, max_size=8).map(lambda b: frame(Opcode.TEXT, b"ok\xc3" + b)),
+    TEXT.map(lambda payload: frame(Opcode.TEXT, payload, mask=True)),
+    TEXT.map(lambda payload: with_rsv1(frame(Opcode.TEXT, payload))),
     TEXT.filter(lambda payload: len(payload) < 126).map(non_minimal),
-    st.just(server_frame(Opcode.CONT, b"stray")),
+    st.just(frame(Opcode.CONT, b"stray")),
 )
 
 
@@ -121,6 +113,6 @@ async def test_plain_text_frames_skip_websockets_parser(monkeypatch):
         lambda self, data: (parsed.append(len(data)), original(self, data)),
     )
     delta = b'{"type": "response.output_audio.delta", "delta": "' + b"QUJD" * 1600 + b'"}'
-    result = await read(UpstreamConnection, [server_frame(Opcode.TEXT, delta)] * 3, [10, 500], 0)
+    result = await read(UpstreamConnection, [frame(Opcode.TEXT, delta)] * 3, [10, 500], 0)
     assert result["messages"] == [delta.decode()] * 3
     assert len(parsed) == 1  # the handshake response only

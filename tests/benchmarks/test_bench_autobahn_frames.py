@@ -33,13 +33,13 @@ def measure(sped_up):
         from ducke.server_workarounds import speed_up_autobahn_frames
 
         speed_up_autobahn_frames()
-    from tests.fixtures.autobahn_protocol import client_frames, open_protocol
-    from tests.fixtures.frame_streams import audio_delta_json
+    from tests.fixtures.autobahn_protocol import open_protocol
+    from tests.fixtures.frame_streams import audio_delta_json, text_message
 
     protocol, transport, messages = open_protocol()
     audio = base64.b64encode(os.urandom(2880)).decode()  # 60 ms of 24 kHz pcm16
     append = json.dumps({"type": "input_audio_buffer.append", "audio": audio}).encode()
-    wire = [client_frames([append]) for _ in range(100)]
+    wire = [text_message([append], mask=True) for _ in range(100)]
     delta = audio_delta_json()
     clock = time.perf_counter_ns
     started = clock()

@@ -18,8 +18,8 @@ from websockets.asyncio.client import ClientConnection
 from websockets.frames import Opcode
 
 from ducke.server_workarounds import UpstreamConnection
-from tests.fixtures.frame_streams import audio_delta_json
-from tests.fixtures.upstream_connection import open_upstream_connection, server_frame
+from tests.fixtures.frame_streams import audio_delta_json, frame
+from tests.fixtures.upstream_connection import open_upstream_connection
 
 pytestmark = pytest.mark.benchmark
 
@@ -28,7 +28,7 @@ FRAMES = 3000
 
 
 def delta_frame():
-    return server_frame(Opcode.TEXT, audio_delta_json())
+    return frame(Opcode.TEXT, audio_delta_json())
 
 
 async def microseconds_per_frame(connection_class, wire):
