@@ -6,7 +6,6 @@ every case it does not handle to that path.
 """
 
 import asyncio
-import functools
 
 import pytest
 from websockets.asyncio.client import connect
@@ -15,18 +14,11 @@ from websockets.exceptions import ConnectionClosed
 
 from ducke.server_workarounds import browser_text_writer, frame_header, send_upstream_text
 from tests.fixtures.autobahn_protocol import open_protocol
+from tests.fixtures.daphne_send import daphne_send
 
 pytestmark = pytest.mark.timeout(30)
 
 TEXTS = ["", "{}", "x" * 125, "caf\u00e9 \u2603" * 30, "y" * 126, "z" * 65535, "w" * 65536]
-
-
-async def handle_reply(protocol, message):
-    """Stands for daphne's ``Server.handle_reply``."""
-
-
-def daphne_send(protocol):
-    return functools.partial(handle_reply, protocol)
 
 
 # daphne's side

@@ -8,7 +8,6 @@ events reach upstream in the order the browser sent them.
 
 import asyncio
 import base64
-import functools
 import json
 
 import pytest
@@ -16,12 +15,9 @@ from daphne.ws_protocol import WebSocketProtocol
 from websockets.asyncio.client import connect
 
 from ducke.server_workarounds import offer_text_on_arrival, take_text_on_arrival
+from tests.fixtures.daphne_send import daphne_send
 
 offer_text_on_arrival()
-
-
-async def handle_reply(protocol, message):
-    """Stands for daphne's ``Server.handle_reply``."""
 
 
 def daphne_protocol():
@@ -37,9 +33,7 @@ def daphne_protocol():
 def test_a_taken_message_is_not_queued():
     protocol = daphne_protocol()
     taken = []
-    take_text_on_arrival(
-        functools.partial(handle_reply, protocol), lambda p: taken.append(p) or True
-    )
+    take_text_on_arrival(daphne_send(protocol), lambda p: taken.append(p) or True)
     protocol.onMessage(b'{"type": "x"}', False)
     assert taken == [b'{"type": "x"}']
     assert protocol.application_queue.empty()
@@ -54,7 +48,7 @@ def test_declined_binary_muted_and_queued_behind_go_through_daphne():
         offered.append(payload)
         return payload == b"take"
 
-    take_text_on_arrival(functools.partial(handle_reply, protocol), receiver)
+    take_text_on_arrival(daphne_send(protocol), receiver)
     protocol.onMessage(b"decline", False)
     protocol.onMessage(b"take", False)  # something waits in the queue: not offered
     protocol.onMessage(b"\x00\x01", True)
