@@ -67,11 +67,14 @@ async def test_hops_within_a_second_check_the_connection_once(tidies, monkeypatc
 # The pool (QUOTAS_LEDGER_THREADS): sessions' hops overlap where the database allows it.
 
 
-def hop_threads(count, settings_threads, settings):
+def thread_name():
+    return threading.current_thread().name
+
+
+def meeting(count):
     """A hop function for ``count`` hops started at once: each names its thread once all of
     them are running, so on fewer threads than hops they cannot all finish (the barrier
     breaks)."""
-    settings.QUOTAS_LEDGER_THREADS = settings_threads
     started = threading.Barrier(count, timeout=10)
 
     def meet():
@@ -79,7 +82,7 @@ def hop_threads(count, settings_threads, settings):
 
         User.objects.exists()  # a query on this thread's own connection
         started.wait()
-        return threading.current_thread().name
+        return thread_name()
 
     return meet
 
@@ -88,7 +91,8 @@ def hop_threads(count, settings_threads, settings):
 async def test_hops_overlap_on_a_pool_of_threads(settings):
     if connection.vendor != "postgresql":
         pytest.skip("the pool serves databases with concurrent writers (CI: PostgreSQL)")
-    meet = hop_threads(3, 3, settings)
+    settings.QUOTAS_LEDGER_THREADS = 3
+    meet = meeting(3)
     try:
         names = await asyncio.gather(*(ledger_hop(meet)() for _ in range(3)))
     finally:
@@ -103,11 +107,7 @@ async def test_sqlite_keeps_one_thread_whatever_the_setting(settings):
         pytest.skip("SQLite takes one writer at a time")
     settings.QUOTAS_LEDGER_THREADS = 4
     assert ledger_threads() == 1
-
-    def name():
-        return threading.current_thread().name
-
-    names = await asyncio.gather(*(ledger_hop(name)() for _ in range(4)))
+    names = await asyncio.gather(*(ledger_hop(thread_name)() for _ in range(4)))
     assert len(set(names)) == 1
 
 
@@ -115,14 +115,11 @@ async def test_sqlite_keeps_one_thread_whatever_the_setting(settings):
 def test_below_a_sync_caller_hops_stay_on_its_thread(settings):
     settings.QUOTAS_LEDGER_THREADS = 4
 
-    def name():
-        return threading.current_thread().name
-
     async def hop():
         assert ledger_pool() is None  # hops must see the sync caller's connection
-        return await ledger_hop(name)()
+        return await ledger_hop(thread_name)()
 
-    assert async_to_sync(hop)() == threading.current_thread().name
+    assert async_to_sync(hop)() == thread_name()
 
 
 @pytest.mark.parametrize(("value", "threads"), [(4, 4), ("3", 3), (0, 1), ("many", 1), (None, 1)])
