@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from ducke.server_workarounds import browser_text_writer, frame_header, send_upstream_text
 from tests.fixtures.autobahn_protocol import open_protocol
 from tests.fixtures.daphne_send import daphne_send
+from tests.fixtures.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -75,14 +76,6 @@ async def echo_server():
         yield f"ws://127.0.0.1:{port}", received
 
 
-async def wait_for(condition):
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("not received")
-
-
 async def test_upstream_gets_every_text_whole_and_in_order(echo_server):
     url, received = echo_server
     async with connect(url, compression=None, max_size=None) as upstream:
@@ -91,7 +84,7 @@ async def test_upstream_gets_every_text_whole_and_in_order(echo_server):
                 await send_upstream_text(upstream, text)
             else:
                 await upstream.send(text)  # interleaved with websockets' own sends
-        await wait_for(lambda: len(received) == 2 * len(TEXTS))
+        await wait_for(lambda: len(received) == 2 * len(TEXTS), 5, "not received", interval=0.01)
     assert received == TEXTS * 2
 
 
@@ -141,7 +134,7 @@ async def test_a_paused_or_compressed_connection_goes_through_websockets(echo_se
         fragmented.set_result(None)
         await task
         assert sent == ["while paused", "after a fragmented send"]
-        await wait_for(lambda: len(received) == 4)
+        await wait_for(lambda: len(received) == 4, 5, "not received", interval=0.01)
     assert received == ["compressed", "direct", "while paused", "after a fragmented send"]
 
 

@@ -16,6 +16,7 @@ from websockets.asyncio.client import connect
 
 from ducke.server_workarounds import offer_text_on_arrival, take_text_on_arrival
 from tests.fixtures.daphne_send import daphne_send
+from tests.fixtures.waiting import wait_for
 
 offer_text_on_arrival()
 
@@ -109,10 +110,13 @@ async def test_the_browsers_events_reach_upstream_in_order(daphne_server_factory
             sent += ["input_audio_buffer.append", "item", "input_audio_buffer.append"]
         await browser.send(audio_frame(999, compact=True))
         sent.append("input_audio_buffer.append")
-        for _ in range(100):  # the simulator logs what it reads; wait for the last one
-            await asyncio.sleep(0.05)
-            if log.exists() and log.read_text().count("input_audio_buffer.append") >= 41:
-                break
+        # The simulator logs what it reads: wait for the last chunk.
+        await wait_for(
+            lambda: log.exists() and log.read_text().count("input_audio_buffer.append") >= 41,
+            5,
+            "the simulator logged fewer than the 41 audio chunks sent",
+            interval=0.05,
+        )
     seen = []
     for line in log.read_text().splitlines():
         entry = json.loads(line)

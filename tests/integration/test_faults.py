@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from quotas.pricing import to_micro
+from tests.fixtures.waiting import wait_for
 from tests.integration.harness import Refused, Session, random_ip, status
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(240)]
@@ -66,13 +67,6 @@ async def http_traffic(servers, stop, codes):
                     )
                     codes.append(response.status_code)
             await asyncio.sleep(0.05)
-
-
-async def wait_for(predicate, timeout, message):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, message
-        await asyncio.sleep(0.1)
 
 
 async def settled_ledger(database, cluster, clients, timeout=20):

@@ -16,13 +16,13 @@ import redis
 
 from quotas.pricing import to_micro
 from tests.fixtures.redis_ha import MASTER_NAME, start_sentinel_group
+from tests.fixtures.waiting import wait_for
 from tests.integration.harness import random_ip, status
 from tests.integration.test_faults import (
     Talkers,
     http_traffic,
     limited_status,
     settled_ledger,
-    wait_for,
 )
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(240)]
