@@ -23,7 +23,9 @@ included), or sessions without answers (could not connect, no answer, unfinished
 ``RELAY_BENCH_STEPS=25,50,100`` (default) and ``RELAY_BENCH_SECONDS=10`` change the ramp; steps
 above 100 run only for a server that met the target at the step before.
 ``RELAY_BENCH_SERVERS=daphne`` measures one server (default ``daphne,uvicorn``) and
-``RELAY_BENCH_FLOORS=0`` skips the bare-relay floor.
+``RELAY_BENCH_FLOORS=0`` skips the bare-relay floor. ``RELAY_BENCH_HARNESS_LOAD=0.6`` keeps that
+share of the harness's core busy with a process of its own (a busy machine, reproducible on a
+faster one: it shows in the harness core's "others%").
 """
 
 import asyncio
@@ -38,6 +40,7 @@ from tests.fixtures.relay_load import (
     run_step,
     simulator_url,
     start_app_server,
+    start_busy_process,
     start_simulator_process,
 )
 
@@ -51,6 +54,7 @@ BARE_RELAY = "tests.benchmarks.peers.bare_relay:application"
 WITH_WORKAROUNDS = "DUCK-E's workarounds"
 FLOOR_VARIANTS = {"daphne": ("stock", WITH_WORKAROUNDS), "uvicorn": ("stock", WITH_WORKAROUNDS)}
 FLOORS = os.environ.get("RELAY_BENCH_FLOORS", "1") != "0"
+HARNESS_LOAD = float(os.environ.get("RELAY_BENCH_HARNESS_LOAD", "0"))
 TARGET_SESSIONS = 100
 TARGET_ADDED_P99_MS = 10.0
 TARGET_CPU_PER_SESSION = 0.45  # % of one core per session
@@ -266,7 +270,10 @@ def test_relay_added_latency_cpu_and_frames(tmp_path, bench_report):
     load_before = os.getloadavg()[0]
     split = cpu_split()
     print(f"\nRelay benchmark: {split.describe()}")
+    if HARNESS_LOAD:
+        print(f"  the harness's core kept {HARNESS_LOAD:.0%} busy by a process of its own")
     simulator = start_simulator_process(tmp_path / "simulator", cpus=split.harness)
+    harness_load = start_busy_process(split.harness, HARNESS_LOAD)
     upstream = simulator_url(simulator, REALTIME_PATH)
     relays = {}
     problems = []
@@ -304,6 +311,9 @@ def test_relay_added_latency_cpu_and_frames(tmp_path, bench_report):
         for relay in relays.values():
             relay.stop()
         simulator.stop()
+        if harness_load is not None:
+            harness_load.kill()
+            harness_load.wait(10)
     print(
         f"\nRelay benchmark: {os.cpu_count()} cores, load average before the run "
         f"{load_before:.2f}; {split.describe()}; N = relayed sessions, ref = direct ones at "
