@@ -8,7 +8,6 @@ from django.core.asgi import get_asgi_application
 from prometheus_client import REGISTRY
 
 from quotas.models import RateLimitRule
-from tests.fixtures.async_db import thread_connections  # noqa: F401
 
 pytestmark = pytest.mark.django_db
 
@@ -177,7 +176,9 @@ def summary(status, headers, body):
     return status, tuple(headers.get(f) for f in fields), body
 
 
-async def test_async_path_gives_the_same_answers_as_sync(backend, settings, thread_connections):
+async def test_async_path_gives_the_same_answers_as_sync(
+    backend, settings, close_worker_connections
+):
     """The same 62 requests through the ASGI app and through the sync client compare equal."""
     from asgiref.sync import sync_to_async
     from django.test import Client

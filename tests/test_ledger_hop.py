@@ -49,7 +49,9 @@ def test_a_connection_error_tidies_at_once(tidies):
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_hops_within_a_second_check_the_connection_once(tidies, monkeypatch):
+async def test_hops_within_a_second_check_the_connection_once(
+    tidies, monkeypatch, close_worker_connections
+):
     clock = type("Clock", (), {"monotonic": staticmethod(lambda: 500.0)})
     monkeypatch.setattr(hop_module, "time", clock)
 

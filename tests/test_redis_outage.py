@@ -13,7 +13,6 @@ from quotas.middleware import limits_for
 from quotas.models import RateLimitRule
 from quotas.policies import policy_cache
 from quotas.redis_client import SharedRedis
-from tests.fixtures.async_db import thread_connections  # noqa: F401
 from tests.fixtures.redis_server import redis_server  # noqa: F401
 
 pytestmark = [pytest.mark.django_db, pytest.mark.redis]
@@ -115,7 +114,7 @@ def test_closed_fail_mode_refuses_while_down(client, quota_redis, low_status_lim
     assert response.json()["redis"] == "ok"
 
 
-async def test_async_path_survives_the_outage(quota_redis, settings, thread_connections):
+async def test_async_path_survives_the_outage(quota_redis, settings, close_worker_connections):
     """Through the ASGI app (async middleware, asyncio Redis client), default limits."""
     from asgiref.sync import sync_to_async
 
