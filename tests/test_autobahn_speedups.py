@@ -16,17 +16,7 @@ from hypothesis import strategies as st
 
 from ducke.server_workarounds import FrameUnmasker, Utf8Check, speed_up_autobahn_frames
 from tests.fixtures.autobahn_protocol import open_protocol
-from tests.fixtures.frame_streams import text_message
-
-
-def split(data, cuts):
-    """``data`` cut at the given offsets (sorted, deduplicated, inside the data)."""
-    points = sorted({c % (len(data) + 1) for c in cuts}) if data else []
-    pieces, start = [], 0
-    for point in [*points, len(data)]:
-        pieces.append(data[start:point])
-        start = point
-    return pieces
+from tests.fixtures.frame_streams import split, text_message
 
 
 @settings(max_examples=200, deadline=None)

@@ -18,7 +18,7 @@ from websockets.frames import Opcode
 
 from ducke.server_workarounds import read_whole_text_frames, speed_up_autobahn_frames
 from tests.fixtures.autobahn_protocol import Recorder, open_protocol
-from tests.fixtures.frame_streams import cut, frame, text_message, with_rsv1
+from tests.fixtures.frame_streams import cut, frame, non_minimal, text_message, with_rsv1
 
 read_whole_text_frames()
 speed_up_autobahn_frames()  # as under daphne (ducke.asgi installs both)
@@ -41,13 +41,6 @@ def masked(opcode, payload, fin=True):
     return frame(opcode, payload, fin, mask=True)
 
 
-def non_minimal(payload):
-    """A masked text frame whose 16-bit length encodes a length under 126 (a violation)."""
-    mask = b"\x01\x02\x03\x04"
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return struct.pack("!BBH", 0x81, 0x80 | 126, len(payload)) + mask + body
-
-
 TEXT = st.text(max_size=300).map(str.encode)
 FRAMES = st.one_of(
     TEXT.map(lambda payload: masked(Opcode.TEXT, payload)),  # what browsers send
@@ -60,7 +53,9 @@ FRAMES = st.one_of(
     st.binary(min_size=1, max_size=30).map(lambda b: masked(Opcode.TEXT, b"ok\xc3" + b)),
     TEXT.map(lambda payload: frame(Opcode.TEXT, payload)),
     TEXT.map(lambda payload: with_rsv1(masked(Opcode.TEXT, payload))),
-    TEXT.filter(lambda payload: len(payload) < 126).map(non_minimal),
+    TEXT.filter(lambda payload: len(payload) < 126).map(
+        lambda payload: non_minimal(payload, mask=True)
+    ),
     st.just(masked(Opcode.CONT, b"stray")),
 )
 

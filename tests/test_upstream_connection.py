@@ -20,14 +20,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Opcode
 
 from ducke.server_workarounds import UpstreamConnection
-from tests.fixtures.frame_streams import cut, frame, text_message, with_rsv1
+from tests.fixtures.frame_streams import cut, frame, non_minimal, text_message, with_rsv1
 from tests.fixtures.upstream_connection import MAX_SIZE, open_upstream_connection
-
-
-def non_minimal(payload):
-    """A text frame whose 16-bit length encodes a length under 126."""
-    return struct.pack("!BBH", 0x81, 126, len(payload)) + payload
-
 
 TEXT = st.text(max_size=200).map(str.encode)
 FRAMES = st.one_of(
@@ -46,7 +40,9 @@ FRAMES = st.one_of(
     st.binary(min_size=1, max_size=8).map(lambda b: frame(Opcode.TEXT, b"ok\xc3" + b)),
     TEXT.map(lambda payload: frame(Opcode.TEXT, payload, mask=True)),
     TEXT.map(lambda payload: with_rsv1(frame(Opcode.TEXT, payload))),
-    TEXT.filter(lambda payload: len(payload) < 126).map(non_minimal),
+    TEXT.filter(lambda payload: len(payload) < 126).map(
+        lambda payload: non_minimal(payload, mask=False)
+    ),
     st.just(frame(Opcode.CONT, b"stray")),
 )
 
